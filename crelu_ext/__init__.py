@@ -1,0 +1,12 @@
+"""crelu_ext: CReLU (Shang et al., ICML 2016) as a fast, exact, fused torch op.
+
+    y = crelu_ext.crelu(x, dim=1)        # == cat([relu(x), relu(-x)], dim=1)
+    m = crelu_ext.CReLU(dim=1)
+"""
+
+from . import reference
+from .backends import available_backends, crelu
+from .nn import CReLU
+
+__version__ = "0.1.0"
+__all__ = ["CReLU", "available_backends", "crelu", "reference"]

@@ -1,0 +1,96 @@
+"""Input checks and the layout plan, mirroring csrc/ops.cpp for the Python
+side (fake kernels and the Triton backend). See csrc/crelu.h for the plan."""
+
+import math
+
+import torch
+from torch._prims_common import (
+    compute_elementwise_output_strides,
+    is_non_overlapping_and_dense_or_false,
+)
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+MASK_BLOCK = 32  # elements per mask block
+MASK_BLOCK_BYTES = 8  # a uint32 word of "x > 0 or NaN" bits, then one of "x < 0 or NaN"
+
+
+def check_input(x: torch.Tensor, dim: int, op: str = "crelu") -> int:
+    """Raises the errors SPEC section 3 asks for; returns ``dim`` wrapped to
+    ``[0, x.dim())``."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"crelu_ext.{op}: expected a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(
+            f"crelu_ext.{op}: expected a float16, bfloat16, float32 or float64 tensor, "
+            f"got {x.dtype}"
+        )
+    if x.dim() == 0:
+        raise RuntimeError(
+            f"crelu_ext.{op}: a zero-dimensional tensor cannot be concatenated; "
+            "give it at least one dimension"
+        )
+    if not isinstance(dim, int) or isinstance(dim, bool):
+        raise TypeError(f"crelu_ext.{op}: dim must be an int, got {type(dim).__name__}")
+    if not -x.dim() <= dim < x.dim():
+        raise IndexError(
+            f"crelu_ext.{op}: dim {dim} is out of range for a {x.dim()}-D tensor "
+            f"(expected it in [{-x.dim()}, {x.dim() - 1}])"
+        )
+    return dim % x.dim()
+
+
+def mask_bytes(numel):
+    return (numel + MASK_BLOCK - 1) // MASK_BLOCK * MASK_BLOCK_BYTES
+
+
+def _is_channels_last_strides(sizes, strides, order) -> bool:
+    # c10::is_channels_last_strides_2d_s4 / _3d_s5: `order` lists the dims
+    # from innermost (channels) to outermost (batch).
+    if strides[1] == 0:
+        return False
+    lowest = 0
+    for d in order:
+        if sizes[d] == 0 or strides[d] < lowest:
+            return False
+        if d == 0 and lowest == strides[1]:
+            return False  # ambiguous N111-like layouts count as contiguous
+        lowest = strides[d] * (sizes[d] if sizes[d] > 1 else 1)
+    return True
+
+
+def output_memory_format(x: torch.Tensor) -> torch.memory_format:
+    """The memory format of ``torch.cat([relu(x), relu(-x)])``: that of relu(x),
+    which keeps x's strides when x is dense and otherwise lays out a dense
+    tensor in x's stride order."""
+    if x.dim() not in (4, 5):
+        return torch.contiguous_format
+    dense = is_non_overlapping_and_dense_or_false(x)
+    strides = x.stride() if dense else compute_elementwise_output_strides(x)
+    if x.dim() == 4 and _is_channels_last_strides(x.shape, strides, (1, 3, 2, 0)):
+        return torch.channels_last
+    if x.dim() == 5 and _is_channels_last_strides(x.shape, strides, (1, 4, 3, 2, 0)):
+        return torch.channels_last_3d
+    return torch.contiguous_format
+
+
+def memory_order(ndim: int, memory_format: torch.memory_format) -> tuple[int, ...]:
+    """The dims in memory order, outermost first."""
+    if memory_format == torch.channels_last:
+        return (0, 2, 3, 1)
+    if memory_format == torch.channels_last_3d:
+        return (0, 2, 3, 4, 1)
+    return tuple(range(ndim))
+
+
+def plan_layout(shape, dim: int, memory_format: torch.memory_format) -> tuple[int, int]:
+    """``(outer, inner)``: x in memory order seen as an [outer, inner] matrix,
+    the output as [outer, 2, inner]."""
+    order = memory_order(len(shape), memory_format)
+    split = order.index(dim)
+    return math.prod(shape[d] for d in order[:split]), math.prod(shape[d] for d in order[split:])
+
+
+def scaled_shape(shape, dim: int, numerator: int, denominator: int) -> list:
+    scaled = list(shape)
+    scaled[dim] = scaled[dim] * numerator // denominator
+    return scaled

@@ -1,0 +1,65 @@
+"""Backend selection and the functional API.
+
+``native``: the compiled kernels in csrc/ (CPU, and CUDA when built with it).
+``triton``: Triton kernels (not built yet).
+``reference``: the torch composition in reference.py, available everywhere.
+"""
+
+import os
+
+import torch
+
+from . import ops, reference
+from ._layout import check_input
+
+BACKENDS = ("native", "triton", "reference")
+ENV_VAR = "CRELU_EXT_BACKEND"
+
+_IMPLEMENTATIONS = {
+    "native": ops.crelu,
+    "reference": reference.crelu,
+}
+
+
+def available_backends(device: torch.device | str | None = None) -> list[str]:
+    """The backends that run on ``device`` (default: CPU), in the order
+    ``backend="auto"`` prefers them."""
+    device = torch.device("cpu" if device is None else device)
+    available = []
+    if ops.native_available(device):
+        available.append("native")
+    available.append("reference")
+    return available
+
+
+def select_backend(backend: str, device: torch.device) -> str:
+    """Resolves ``backend`` for ``device``; ``"auto"`` takes ``$CRELU_EXT_BACKEND``
+    if set, else the first available backend."""
+    requested, origin = backend, "backend"
+    if backend == "auto":
+        requested, origin = os.environ.get(ENV_VAR, "auto"), ENV_VAR
+    available = available_backends(device)
+    if requested == "auto":
+        return available[0]
+    if requested not in BACKENDS:
+        raise ValueError(
+            f"crelu_ext.crelu: unknown {origin} {requested!r}; choose 'auto' or one of "
+            f"{list(BACKENDS)} (available on {device.type}: {available})"
+        )
+    if requested not in available:
+        reason = ""
+        if requested == "native" and ops.NATIVE_IMPORT_ERROR is not None:
+            reason = f" (the compiled extension did not load: {ops.NATIVE_IMPORT_ERROR})"
+        raise RuntimeError(
+            f"crelu_ext.crelu: {origin} {requested!r} is not available for {device.type} "
+            f"tensors{reason}; available: {available}"
+        )
+    return requested
+
+
+def crelu(x: torch.Tensor, dim: int = 1, backend: str = "auto") -> torch.Tensor:
+    """CReLU, ``cat([relu(x), relu(-x)], dim)``, bitwise equal to
+    :func:`crelu_ext.reference.crelu` forward and backward, in one fused pass
+    that saves only 2 bits per element for backward."""
+    dim = check_input(x, dim)
+    return _IMPLEMENTATIONS[select_backend(backend, x.device)](x, dim)

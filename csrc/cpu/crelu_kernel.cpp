@@ -1,0 +1,305 @@
+// Fused CPU kernels. The build compiles this file once per CPU capability
+// (DEFAULT, and AVX2 and AVX512 on x86-64), each time with -DCPU_CAPABILITY=X
+// and that ISA's compiler flags, as ATen does for its own kernels: without
+// them at::vec::Vectorized is plain scalar code. crelu_cpu.cpp picks one.
+//
+// Napkin math per input element: forward reads 1 and writes 2 (+ 2 mask bits);
+// backward reads 2 (+ 2 bits) and writes 1. The work is memory bound, so each
+// pass touches every byte once, in memory order, in blocks of 32 elements
+// (one mask block). A block that lies inside one row of the [outer, inner]
+// plan is done with ATen's Vectorized; blocks that straddle rows (inner not a
+// multiple of 32) and the tail take the scalar path.
+
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <type_traits>
+
+#include "../crelu.h"
+
+namespace crelu_ext::cpu {
+inline namespace CPU_CAPABILITY {
+
+using at::vec::Vectorized;
+
+// Each parallel task gets at least this many elements, so the thread pool's
+// overhead stays small next to the memory traffic.
+constexpr int64_t kGrainElements = 1 << 15;
+
+// A position (o, r) in the [outer, inner] plan that walks in memory order.
+struct RowCursor {
+  int64_t o;
+  int64_t r;
+  int64_t inner;
+
+  RowCursor(int64_t flat, int64_t inner_)
+      : o(flat / inner_), r(flat % inner_), inner(inner_) {}
+
+  void advance(int64_t n) {
+    r += n;
+    while (r >= inner) {
+      r -= inner;
+      ++o;
+    }
+  }
+  // Offset of the relu(x) half of this element in the [outer, 2, inner]
+  // tensor; the relu(-x) half is `inner` further on.
+  int64_t pair_offset() const { return o * 2 * inner + r; }
+};
+
+// Splits the flat range into mask blocks and hands each block to
+// `vector_block(flat, cursor, block)` when it is a whole block inside one row,
+// else to `scalar_block(flat, cursor, block, count)`. One task owns each
+// block, so mask words never race.
+template <typename VectorBlock, typename ScalarBlock>
+void for_each_block(int64_t numel, int64_t inner, VectorBlock vector_block,
+                    ScalarBlock scalar_block) {
+  const int64_t blocks = (numel + kMaskBlock - 1) / kMaskBlock;
+  at::parallel_for(
+      0, blocks, kGrainElements / kMaskBlock, [&](int64_t begin, int64_t end) {
+        RowCursor cursor(begin * kMaskBlock, inner);
+        for (int64_t block = begin; block < end; ++block) {
+          const int64_t flat = block * kMaskBlock;
+          const int64_t count = std::min(kMaskBlock, numel - flat);
+          if (count == kMaskBlock && cursor.r + kMaskBlock <= inner) {
+            vector_block(flat, cursor, block);
+          } else {
+            scalar_block(flat, cursor, block, count);
+          }
+          cursor.advance(count);
+        }
+      });
+}
+
+// A mask block of 32 elements as vectors of the accumulation type (float for
+// 16-bit types: the conversions are exact, so the results are too).
+template <typename scalar_t>
+struct Block {
+  using acc_t = at::opmath_type<scalar_t>;
+  using AccVec = Vectorized<acc_t>;
+  using LaneIntVec = Vectorized<at::vec::int_same_size_t<acc_t>>;
+  static constexpr int kLanes = AccVec::size();
+  static constexpr int kVecs = kMaskBlock / kLanes;
+  static_assert(kMaskBlock % kLanes == 0);
+
+  AccVec v[kVecs];
+
+  void load(const scalar_t* p) {
+    if constexpr (std::is_same_v<scalar_t, acc_t>) {
+      for (int k = 0; k < kVecs; ++k) {
+        v[k] = AccVec::loadu(p + k * kLanes);
+      }
+    } else {
+      for (int k = 0; k < kVecs; k += 2) {
+        auto [lo, hi] = at::vec::convert_to_float<scalar_t>(
+            Vectorized<scalar_t>::loadu(p + k * kLanes));
+        v[k] = lo;
+        v[k + 1] = hi;
+      }
+    }
+  }
+
+  void store(scalar_t* p) const {
+    if constexpr (std::is_same_v<scalar_t, acc_t>) {
+      for (int k = 0; k < kVecs; ++k) {
+        v[k].store(p + k * kLanes);
+      }
+    } else {
+      for (int k = 0; k < kVecs; k += 2) {
+        at::vec::convert_from_float<scalar_t>(v[k], v[k + 1])
+            .store(p + k * kLanes);
+      }
+    }
+  }
+
+  // All-ones lanes where bit (k * kLanes + lane) of `bits` is set.
+  static AccVec lanes_of(uint32_t bits, int k) {
+    using lane_int = at::vec::int_same_size_t<acc_t>;
+    alignas(64) static const auto lane_bits = [] {
+      std::array<lane_int, kLanes> b{};
+      for (int lane = 0; lane < kLanes; ++lane) {
+        b[lane] = lane_int(1) << lane;
+      }
+      return b;
+    }();
+    const LaneIntVec word(static_cast<lane_int>(bits >> (k * kLanes)));
+    const LaneIntVec set =
+        (word & LaneIntVec::loadu(lane_bits.data())) != LaneIntVec(0);
+    return at::vec::cast<acc_t>(set);
+  }
+};
+
+template <typename scalar_t>
+void forward(const scalar_t* x, scalar_t* out, uint32_t* mask, int64_t numel,
+             int64_t inner) {
+  using B = Block<scalar_t>;
+  using AccVec = typename B::AccVec;
+  for_each_block(
+      numel, inner,
+      [&](int64_t flat, const RowCursor& cursor, int64_t block) {
+        B in, pos, neg;
+        in.load(x + flat);
+        const AccVec zero(0);
+        uint32_t pos_bits = 0, neg_bits = 0;
+        for (int k = 0; k < B::kVecs; ++k) {
+          const AccVec v = in.v[k];
+          // blendv(a, b, m) = m ? b : a
+          pos.v[k] = AccVec::blendv(v, zero, v < zero);
+          neg.v[k] = AccVec::blendv(v.neg(), zero, v > zero);
+          if (mask != nullptr) {
+            // zero_mask() has a bit per lane whose comparison was false.
+            pos_bits |= static_cast<uint32_t>((v <= zero).zero_mask())
+                        << (k * B::kLanes);
+            neg_bits |= static_cast<uint32_t>((v >= zero).zero_mask())
+                        << (k * B::kLanes);
+          }
+        }
+        scalar_t* dst = out + cursor.pair_offset();
+        pos.store(dst);
+        neg.store(dst + inner);
+        if (mask != nullptr) {
+          mask[2 * block] = pos_bits;
+          mask[2 * block + 1] = neg_bits;
+        }
+      },
+      [&](int64_t flat, RowCursor cursor, int64_t block, int64_t count) {
+        uint32_t pos_bits = 0, neg_bits = 0;
+        for (int64_t e = 0; e < count; ++e, cursor.advance(1)) {
+          const scalar_t v = x[flat + e];
+          scalar_t* dst = out + cursor.pair_offset();
+          dst[0] = relu_pos(v);
+          dst[inner] = relu_neg(v);
+          pos_bits |= static_cast<uint32_t>(passes_pos(v)) << e;
+          neg_bits |= static_cast<uint32_t>(passes_neg(v)) << e;
+        }
+        if (mask != nullptr) {
+          mask[2 * block] = pos_bits;
+          mask[2 * block + 1] = neg_bits;
+        }
+      });
+}
+
+template <typename scalar_t>
+void backward(const scalar_t* grad_out, const uint32_t* mask, scalar_t* grad_x,
+              int64_t numel, int64_t inner) {
+  using B = Block<scalar_t>;
+  using AccVec = typename B::AccVec;
+  using acc_t = typename B::acc_t;
+  for_each_block(
+      numel, inner,
+      [&](int64_t flat, const RowCursor& cursor, int64_t block) {
+        B g1, g2, result;
+        const scalar_t* src = grad_out + cursor.pair_offset();
+        g1.load(src);
+        g2.load(src + inner);
+        const uint32_t pos_bits = mask[2 * block];
+        const uint32_t neg_bits = mask[2 * block + 1];
+        const AccVec zero(0);
+        for (int k = 0; k < B::kVecs; ++k) {
+          const AccVec t1 =
+              AccVec::blendv(zero, g1.v[k], B::lanes_of(pos_bits, k));
+          const AccVec t2 =
+              AccVec::blendv(zero, g2.v[k], B::lanes_of(neg_bits, k));
+          result.v[k] = t1 + t2.neg();
+        }
+        result.store(grad_x + flat);
+      },
+      [&](int64_t flat, RowCursor cursor, int64_t block, int64_t count) {
+        const uint32_t pos_bits = mask[2 * block];
+        const uint32_t neg_bits = mask[2 * block + 1];
+        for (int64_t e = 0; e < count; ++e, cursor.advance(1)) {
+          const scalar_t* src = grad_out + cursor.pair_offset();
+          grad_x[flat + e] = static_cast<scalar_t>(crelu_grad<acc_t>(
+              src[0], src[inner], (pos_bits >> e) & 1u, (neg_bits >> e) & 1u));
+        }
+      });
+}
+
+template <typename scalar_t>
+void backward_backward(const scalar_t* grad_grad_x, const uint32_t* mask,
+                       scalar_t* out, int64_t numel, int64_t inner) {
+  using B = Block<scalar_t>;
+  using AccVec = typename B::AccVec;
+  using acc_t = typename B::acc_t;
+  for_each_block(
+      numel, inner,
+      [&](int64_t flat, const RowCursor& cursor, int64_t block) {
+        B g, pos, neg;
+        g.load(grad_grad_x + flat);
+        const uint32_t pos_bits = mask[2 * block];
+        const uint32_t neg_bits = mask[2 * block + 1];
+        const AccVec zero(0);
+        for (int k = 0; k < B::kVecs; ++k) {
+          pos.v[k] =
+              AccVec::blendv(zero, g.v[k], B::lanes_of(pos_bits, k)) + zero;
+          neg.v[k] =
+              AccVec::blendv(zero, g.v[k].neg(), B::lanes_of(neg_bits, k)) +
+              zero;
+        }
+        scalar_t* dst = out + cursor.pair_offset();
+        pos.store(dst);
+        neg.store(dst + inner);
+      },
+      [&](int64_t flat, RowCursor cursor, int64_t block, int64_t count) {
+        const uint32_t pos_bits = mask[2 * block];
+        const uint32_t neg_bits = mask[2 * block + 1];
+        for (int64_t e = 0; e < count; ++e, cursor.advance(1)) {
+          const acc_t g = grad_grad_x[flat + e];
+          scalar_t* dst = out + cursor.pair_offset();
+          dst[0] = static_cast<scalar_t>(
+              crelu_grad_grad_pos<acc_t>(g, (pos_bits >> e) & 1u));
+          dst[inner] = static_cast<scalar_t>(
+              crelu_grad_grad_neg<acc_t>(g, (neg_bits >> e) & 1u));
+        }
+      });
+}
+
+// ---- entry points of this capability, called by crelu_cpu.cpp ----
+
+#define CRELU_EXT_DISPATCH_FLOATS(TYPE, NAME, ...) \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, TYPE, NAME, __VA_ARGS__)
+
+inline uint32_t* mask_words(at::Tensor& mask) {
+  return mask.defined() ? reinterpret_cast<uint32_t*>(mask.data_ptr<uint8_t>())
+                        : nullptr;
+}
+
+inline const uint32_t* mask_words(const at::Tensor& mask) {
+  return reinterpret_cast<const uint32_t*>(mask.const_data_ptr<uint8_t>());
+}
+
+void forward_kernel(const at::Tensor& x, const LayoutPlan& plan,
+                    at::Tensor& out, at::Tensor& mask) {
+  CRELU_EXT_DISPATCH_FLOATS(x.scalar_type(), "crelu_forward_cpu", [&] {
+    forward(x.const_data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
+            mask_words(mask), x.numel(), plan.inner);
+  });
+}
+
+void backward_kernel(const at::Tensor& grad_out, const at::Tensor& mask,
+                     const LayoutPlan& plan, at::Tensor& grad_x) {
+  CRELU_EXT_DISPATCH_FLOATS(grad_x.scalar_type(), "crelu_backward_cpu", [&] {
+    backward(grad_out.const_data_ptr<scalar_t>(), mask_words(mask),
+             grad_x.data_ptr<scalar_t>(), grad_x.numel(), plan.inner);
+  });
+}
+
+void backward_backward_kernel(const at::Tensor& grad_grad_x,
+                              const at::Tensor& mask, const LayoutPlan& plan,
+                              at::Tensor& out) {
+  CRELU_EXT_DISPATCH_FLOATS(
+      grad_grad_x.scalar_type(), "crelu_backward_backward_cpu", [&] {
+        backward_backward(grad_grad_x.const_data_ptr<scalar_t>(),
+                          mask_words(mask), out.data_ptr<scalar_t>(),
+                          grad_grad_x.numel(), plan.inner);
+      });
+}
+
+}  // namespace CPU_CAPABILITY
+}  // namespace crelu_ext::cpu
