@@ -19,13 +19,18 @@ else:
     NATIVE_IMPORT_ERROR = None
 
 
+# Device types with compiled kernels, read once: the registrations are fixed
+# once _C has loaded, and torch.compile can trace a set lookup.
+NATIVE_DEVICE_TYPES = frozenset(
+    device_type
+    for device_type, key in (("cpu", "CPU"), ("cuda", "CUDA"))
+    if NATIVE_IMPORT_ERROR is None
+    and torch._C._dispatch_has_kernel_for_dispatch_key("crelu_ext::crelu", key)
+)
+
+
 def native_available(device: torch.device) -> bool:
-    if NATIVE_IMPORT_ERROR is not None:
-        return False
-    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device.type)
-    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(
-        "crelu_ext::crelu", key
-    )
+    return device.type in NATIVE_DEVICE_TYPES
 
 
 def crelu(x: torch.Tensor, dim: int) -> torch.Tensor:

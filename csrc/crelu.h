@@ -17,6 +17,7 @@
 // the elements through which torch.relu's backward passes the gradient.
 #pragma once
 
+#include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <c10/macros/Macros.h>
 
@@ -39,6 +40,11 @@ struct LayoutPlan {
 // The plan of a tensor of `sizes` laid out densely in `memory_format`.
 LayoutPlan plan_layout(at::IntArrayRef sizes, int64_t dim,
                        at::MemoryFormat memory_format);
+
+// The dtypes every kernel supports.
+#define CRELU_EXT_DISPATCH_FLOATS(TYPE, NAME, ...)                      \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, TYPE, NAME, \
+                                  __VA_ARGS__)
 
 // ---- element-wise math, shared by the CPU scalar path and CUDA ----
 // relu keeps NaN and the sign of zero (relu(-0.0) == -0.0), so it is

@@ -242,9 +242,6 @@ CRELU_EXT_KERNEL_LAUNCHER(BackwardBackwardLauncher,
                           crelu_backward_backward_kernel)
 #undef CRELU_EXT_KERNEL_LAUNCHER
 
-#define CRELU_EXT_DISPATCH_FLOATS(TYPE, NAME, ...)                      \
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, TYPE, NAME, \
-                                  __VA_ARGS__)
 
 }  // namespace
 

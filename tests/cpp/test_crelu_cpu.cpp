@@ -35,10 +35,9 @@ void check(bool ok, const std::string& what) {
 auto op(const char* name) {
   return c10::Dispatcher::singleton().findSchemaOrThrow(name, "");
 }
-const auto crelu =
-    op("crelu_ext::crelu")
-        .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, int64_t,
-                                                  bool)>();
+const auto crelu = op("crelu_ext::crelu")
+                       .typed<std::tuple<at::Tensor, at::Tensor>(
+                           const at::Tensor&, int64_t, bool)>();
 using MaskedOp = at::Tensor(const at::Tensor&, const at::Tensor&, int64_t,
                             at::MemoryFormat);
 const auto crelu_backward = op("crelu_ext::crelu_backward").typed<MaskedOp>();
@@ -79,10 +78,11 @@ std::vector<int64_t> memory_order(int64_t ndim, at::MemoryFormat format) {
 template <typename T>
 at::Tensor make_input(at::IntArrayRef sizes, at::MemoryFormat format) {
   using lim = std::numeric_limits<T>;
-  const T specials[] = {T(0.0f),          T(-0.0f),         lim::infinity(),
-                        -lim::infinity(), lim::quiet_NaN(), -lim::quiet_NaN(),
-                        lim::denorm_min(), -lim::denorm_min(), lim::max(),
-                        lim::lowest(),     lim::min()};
+  const T specials[] = {
+      T(0.0f),           T(-0.0f),           lim::infinity(),
+      -lim::infinity(),  lim::quiet_NaN(),   -lim::quiet_NaN(),
+      lim::denorm_min(), -lim::denorm_min(), lim::max(),
+      lim::lowest(),     lim::min()};
   const auto order = memory_order(sizes.size(), format);
   std::vector<int64_t> mem_sizes, inverse(order.size());
   for (size_t k = 0; k < order.size(); ++k) {
@@ -132,8 +132,9 @@ void check_ops(const at::Tensor& x, int64_t dim, at::MemoryFormat format) {
   for (int64_t i = 0; i < n; ++i) {
     const T v = xv[i];
     const int64_t o = i / inner, r = i % inner;
-    ev[(2 * o) * inner + r] = v < T(0) ? T(0) : v;        // keeps NaN, -0
-    ev[(2 * o + 1) * inner + r] = v > T(0) ? T(0) : static_cast<T>(-v);  // +0 for x > 0
+    // relu keeps NaN and -0: relu(x) = x < 0 ? +0 : x, relu(-x) likewise.
+    ev[(2 * o) * inner + r] = v < T(0) ? T(0) : v;
+    ev[(2 * o + 1) * inner + r] = v > T(0) ? T(0) : static_cast<T>(-v);
     pos[i] = v > T(0) || v != v;
     neg[i] = v < T(0) || v != v;
   }
@@ -173,15 +174,17 @@ void check_ops(const at::Tensor& x, int64_t dim, at::MemoryFormat format) {
   check(same_bits(grad_x, xr.grad()), name + "crelu_backward == autograd");
 
   // Double backward: out = [(pos ? gg : 0) + 0, (neg ? -gg : 0) + 0], with
-  // x's special values (and -0 for x < 0) as gg; `expected` is reused.
-  const at::Tensor gg = x.contiguous(format).masked_fill(x < 0, -0.0);
+  // x (and its special values) as gg; `expected` is reused.
+  const at::Tensor gg = x.contiguous(format);
   const at::Tensor ggm = in_memory_order(gg, {n});
   const at::Tensor gg_out = crelu_backward_backward.call(gg, mask, dim, format);
   for (int64_t i = 0; i < n; ++i) {
     const acc_t v = ggm.const_data_ptr<T>()[i];
     const int64_t o = i / inner, r = i % inner;
-    ev[(2 * o) * inner + r] = static_cast<T>((pos[i] ? v : acc_t(0)) + 0);
-    ev[(2 * o + 1) * inner + r] = static_cast<T>((neg[i] ? -v : acc_t(0)) + 0);
+    ev[(2 * o) * inner + r] =
+        static_cast<T>((pos[i] ? v : acc_t(0)) + acc_t(0));
+    ev[(2 * o + 1) * inner + r] =
+        static_cast<T>((neg[i] ? -v : acc_t(0)) + acc_t(0));
   }
   check(gg_out.is_contiguous(format) &&
             same_bits(in_memory_order(gg_out, {outer, 2, inner}), expected),
@@ -197,14 +200,22 @@ void check_dtype() {
     MF format;
   };
   const Case cases[] = {
-      {{2, 3, 5, 7}, 0, MF::Contiguous},      {{2, 3, 5, 7}, 1, MF::Contiguous},
-      {{2, 3, 5, 7}, -1, MF::Contiguous},     {{2, 3, 5, 7}, -4, MF::Contiguous},
-      {{2, 3, 5, 7}, 1, MF::ChannelsLast},    {{2, 3, 5, 7}, -1, MF::ChannelsLast},
-      {{2, 3, 5, 7}, 2, MF::ChannelsLast},    {{3, 37, 4, 5}, 1, MF::ChannelsLast},
-      {{2, 64, 3, 3}, 1, MF::ChannelsLast},   {{2, 3, 4, 5, 6}, 1, MF::ChannelsLast3d},
-      {{4, 64}, 1, MF::Contiguous},           {{4, 64}, 0, MF::Contiguous},
-      {{1000}, 0, MF::Contiguous},            {{5, 96, 3}, -2, MF::Contiguous},
-      {{3, 50001}, 1, MF::Contiguous},        {{0, 5}, 1, MF::Contiguous},
+      {{2, 3, 5, 7}, 0, MF::Contiguous},
+      {{2, 3, 5, 7}, 1, MF::Contiguous},
+      {{2, 3, 5, 7}, -1, MF::Contiguous},
+      {{2, 3, 5, 7}, -4, MF::Contiguous},
+      {{2, 3, 5, 7}, 1, MF::ChannelsLast},
+      {{2, 3, 5, 7}, -1, MF::ChannelsLast},
+      {{2, 3, 5, 7}, 2, MF::ChannelsLast},
+      {{3, 37, 4, 5}, 1, MF::ChannelsLast},
+      {{2, 64, 3, 3}, 1, MF::ChannelsLast},
+      {{2, 3, 4, 5, 6}, 1, MF::ChannelsLast3d},
+      {{4, 64}, 1, MF::Contiguous},
+      {{4, 64}, 0, MF::Contiguous},
+      {{1000}, 0, MF::Contiguous},
+      {{5, 96, 3}, -2, MF::Contiguous},
+      {{3, 50001}, 1, MF::Contiguous},
+      {{0, 5}, 1, MF::Contiguous},
   };
   for (const Case& c : cases) {
     check_ops<T>(make_input<T>(c.sizes, c.format), c.dim, c.format);
@@ -236,10 +247,10 @@ int main() {
 
   check_throws<c10::TypeError>(
       [] { crelu.call(at::ones({4}, at::kInt), 0, false); }, "int input");
-  check_throws<c10::IndexError>(
-      [] { crelu.call(at::ones({2, 3}), 2, false); }, "dim 2 of a 2-D tensor");
-  check_throws<c10::IndexError>(
-      [] { crelu.call(at::ones({2, 3}), -3, false); }, "dim -3 of a 2-D tensor");
+  check_throws<c10::IndexError>([] { crelu.call(at::ones({2, 3}), 2, false); },
+                                "dim 2 of a 2-D tensor");
+  check_throws<c10::IndexError>([] { crelu.call(at::ones({2, 3}), -3, false); },
+                                "dim -3 of a 2-D tensor");
 
   std::cout << passed << " passed, " << failed << " failed\n";
   return failed == 0 ? 0 : 1;

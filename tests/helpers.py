@@ -1,0 +1,93 @@
+"""Shared test helpers: inputs with special values, bitwise comparison, layouts."""
+
+import torch
+
+import crelu_ext
+
+INT_VIEW = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def special_values(dtype: torch.dtype) -> list[float]:
+    info = torch.finfo(dtype)
+    return [0.0, -0.0, float("inf"), -float("inf"), float("nan"), info.tiny * info.eps,
+            -info.tiny * info.eps, info.tiny, info.max, -info.max, 1.0, -1.0]  # fmt: skip
+
+
+def make_input(shape, dtype, device="cpu", seed=0, special_fraction=0.25) -> torch.Tensor:
+    """Gaussian values with about `special_fraction` of them replaced by
+    +-0, +-inf, NaN, subnormals and +-max."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=gen, dtype=torch.float64)
+    specials = torch.tensor(special_values(dtype), dtype=torch.float64)
+    pick = torch.randint(len(specials), shape, generator=gen)
+    where = torch.rand(shape, generator=gen) < special_fraction
+    x = torch.where(where, specials[pick], x)
+    return x.to(dtype).to(device)
+
+
+def assert_bitwise_equal(actual: torch.Tensor, expected: torch.Tensor, what: str = "") -> None:
+    """Equal shape, dtype and bits, except that NaNs need only share positions."""
+    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
+    assert actual.dtype == expected.dtype, f"{what}: dtype {actual.dtype} != {expected.dtype}"
+    a, e = actual.detach().cpu(), expected.detach().cpu()
+    a_nan, e_nan = torch.isnan(a), torch.isnan(e)
+    assert torch.equal(a_nan, e_nan), f"{what}: NaN positions differ"
+    bits = INT_VIEW[a.element_size()]
+    a_bits = a.contiguous().view(bits)
+    e_bits = e.contiguous().view(bits)
+    differ = (a_bits != e_bits) & ~e_nan
+    if differ.any():
+        i = differ.nonzero()[0].tolist()
+        raise AssertionError(
+            f"{what}: {int(differ.sum())} elements differ, first at {i}: "
+            f"{a[tuple(i)].item()!r} != {e[tuple(i)].item()!r}"
+        )
+
+
+def crelu_and_grad(x: torch.Tensor, dim: int, grad: torch.Tensor, backend: str):
+    x = x.detach().clone().requires_grad_(True)
+    if backend == "reference":
+        out = crelu_ext.reference.crelu(x, dim)
+    else:
+        out = crelu_ext.crelu(x, dim, backend=backend)
+    (grad_x,) = torch.autograd.grad(out, x, grad)
+    return out, grad_x
+
+
+# Layouts: each maps a freshly made contiguous tensor to the layout under test.
+def channels_last(t):
+    return t.to(memory_format=torch.channels_last) if t.dim() == 4 else None
+
+
+def channels_last_3d(t):
+    return t.to(memory_format=torch.channels_last_3d) if t.dim() == 5 else None
+
+
+def transposed(t):
+    return t.transpose(0, -1) if t.dim() >= 2 else None
+
+
+def sliced(t):
+    return t[..., ::2]
+
+
+def expanded(t):
+    return t[:1].expand(3, *t.shape[1:]) if t.dim() >= 2 and t.shape[0] > 0 else None
+
+
+def storage_offset(t):
+    # One element in: misaligned for every vector width.
+    flat = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)
+    flat[1:] = t.reshape(-1)
+    return flat[1:].view(t.shape)
+
+
+LAYOUTS = {
+    "contiguous": lambda t: t,
+    "channels_last": channels_last,
+    "channels_last_3d": channels_last_3d,
+    "transposed": transposed,
+    "sliced": sliced,
+    "expanded": expanded,
+    "storage_offset": storage_offset,
+}

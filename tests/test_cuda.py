@@ -1,0 +1,90 @@
+"""CUDA-only behaviour: streams, graphs, devices, determinism, 64-bit
+indexing. Parity on CUDA tensors runs in the backend-parametrized suites."""
+
+import pytest
+import torch
+from helpers import assert_bitwise_equal, crelu_and_grad, make_input
+
+import crelu_ext
+
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"),
+]
+
+
+@pytest.fixture(params=["native"])
+def cuda_backend(request):
+    if request.param not in crelu_ext.available_backends("cuda"):
+        pytest.skip(f"{request.param} is not available on cuda")
+    return request.param
+
+
+def test_cuda_graph_capture_and_replay(cuda_backend):
+    x = make_input((4, 64, 8, 8), torch.float32, "cuda").requires_grad_(True)
+    grad = make_input((4, 128, 8, 8), torch.float32, "cuda", seed=1)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm up outside the graph
+        crelu_and_grad(x, 1, grad, cuda_backend)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = crelu_ext.crelu(x, 1, backend=cuda_backend)
+        (grad_x,) = torch.autograd.grad(out, x, grad)
+    with torch.no_grad():
+        x.copy_(make_input(x.shape, torch.float32, "cuda", seed=2))
+    graph.replay()
+    torch.cuda.synchronize()
+    expected, expected_grad = crelu_and_grad(x, 1, grad, "reference")
+    assert_bitwise_equal(out, expected, "forward after replay")
+    assert_bitwise_equal(grad_x, expected_grad, "backward after replay")
+
+
+def test_runs_on_the_current_side_stream(cuda_backend):
+    x = make_input((8, 256, 32, 32), torch.float16, "cuda")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        torch.cuda._sleep(10_000_000)  # a slow kernel first: a wrong stream would race it
+        out = crelu_ext.crelu(x, 1, backend=cuda_backend)
+    torch.cuda.current_stream().wait_stream(side)
+    assert_bitwise_equal(out, crelu_ext.reference.crelu(x, 1))
+
+
+def test_deterministic_reruns(cuda_backend):
+    x = make_input((3, 40, 9, 11), torch.bfloat16, "cuda")
+    grad = make_input((3, 80, 9, 11), torch.bfloat16, "cuda", seed=1)
+    first = crelu_and_grad(x, 1, grad, cuda_backend)
+    second = crelu_and_grad(x, 1, grad, cuda_backend)
+    for a, b in zip(first, second, strict=True):
+        assert_bitwise_equal(a, b)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_runs_on_the_tensors_device(cuda_backend):
+    x = make_input((2, 32, 4, 4), torch.float32, "cuda:1")
+    out = crelu_ext.crelu(x, 1, backend=cuda_backend)
+    assert out.device == x.device
+    assert_bitwise_equal(out, crelu_ext.reference.crelu(x, 1))
+
+
+@pytest.mark.large
+def test_more_than_2_pow_31_elements(cuda_backend):
+    # The output has 2 * numel elements: 32-bit offsets would wrap at 2^30 inputs.
+    numel = 2**31 + 8 + 3  # odd tail: the scalar path past 2^31 too
+    if torch.cuda.get_device_properties(0).total_memory < 4 * numel * 2 * 1.2:
+        pytest.skip("not enough GPU memory")
+    x = torch.empty(numel, dtype=torch.float16, device="cuda")
+    x[: numel // 2].fill_(1.5)
+    x[numel // 2 :].fill_(-2.0)
+    out = crelu_ext.crelu(x, 0, backend=cuda_backend)
+    assert out.numel() == 2 * numel
+    head, tail = out[:numel], out[numel:]
+    assert bool((head[: numel // 2] == 1.5).all()) and bool((head[numel // 2 :] == 0).all())
+    assert bool((tail[: numel // 2] == 0).all()) and bool((tail[numel // 2 :] == 2.0).all())
+    del out
+    x.requires_grad_(True)
+    out = crelu_ext.crelu(x, 0, backend=cuda_backend)
+    (grad_x,) = torch.autograd.grad(out, x, torch.ones_like(out))
+    assert bool((grad_x[: numel // 2] == 1).all()) and bool((grad_x[numel // 2 :] == -1).all())

@@ -1,0 +1,81 @@
+"""Bad input: clear Python exceptions that name the op, on every backend."""
+
+import pytest
+import torch
+
+import crelu_ext
+
+
+@pytest.mark.parametrize(
+    "dtype", [torch.int32, torch.int64, torch.uint8, torch.bool, torch.complex64], ids=str
+)
+def test_non_float_dtypes_raise_type_error(backend_device, dtype):
+    backend, device = backend_device
+    x = torch.ones(2, 3, device=device).to(dtype)
+    with pytest.raises(TypeError, match=r"crelu_ext\.crelu: .*float16, bfloat16.*" + str(dtype)):
+        crelu_ext.crelu(x, 1, backend=backend)
+
+
+def test_zero_dim_tensor_raises(backend_device):
+    backend, device = backend_device
+    with pytest.raises(RuntimeError, match=r"crelu_ext\.crelu: a zero-dimensional tensor"):
+        crelu_ext.crelu(torch.tensor(1.0, device=device), 0, backend=backend)
+
+
+@pytest.mark.parametrize("dim", [2, -3, 100])
+def test_dim_out_of_range_raises_index_error(backend_device, dim):
+    backend, device = backend_device
+    with pytest.raises(IndexError, match=rf"crelu_ext\.crelu: dim {dim} is out of range"):
+        crelu_ext.crelu(torch.ones(2, 3, device=device), dim, backend=backend)
+
+
+def test_the_native_op_checks_its_own_inputs():
+    if "native" not in crelu_ext.available_backends("cpu"):
+        pytest.skip("native backend not built")
+    ops = torch.ops.crelu_ext
+    with pytest.raises(TypeError, match=r"crelu_ext\.crelu: expected x to be float16"):
+        ops.crelu(torch.ones(3, dtype=torch.int32), 0, False)
+    with pytest.raises(IndexError, match=r"crelu_ext\.crelu: dim 1 is out of range"):
+        ops.crelu(torch.ones(3), 1, False)
+    with pytest.raises(RuntimeError, match=r"crelu_ext\.crelu: a zero-dimensional"):
+        ops.crelu(torch.tensor(1.0), 0, False)
+    _, mask = ops.crelu(torch.ones(4, 64), 1, True)
+    with pytest.raises(RuntimeError, match=r"crelu_ext\.crelu_backward: expected the uint8 mask"):
+        ops.crelu_backward(torch.ones(4, 64), mask, 1, torch.contiguous_format)
+    with pytest.raises(RuntimeError, match=r"crelu_ext\.crelu_backward: grad_out must have an even"):
+        ops.crelu_backward(torch.ones(4, 127), mask, 1, torch.contiguous_format)
+    with pytest.raises(RuntimeError, match=r"crelu_ext\.crelu_backward: memory_format"):
+        ops.crelu_backward(torch.ones(4, 128), mask, 1, torch.channels_last)
+    with pytest.raises(RuntimeError, match=r"crelu_ext\.crelu_backward_backward: expected the"):
+        ops.crelu_backward_backward(torch.ones(4, 65), mask, 1, torch.contiguous_format)
+
+
+def test_unknown_backend_lists_the_available_ones():
+    with pytest.raises(ValueError, match=r"unknown backend 'cuda'.*available on cpu: \[.*'reference'\]"):
+        crelu_ext.crelu(torch.ones(2, 2), 1, backend="cuda")
+
+
+def test_unavailable_backend_lists_the_available_ones():
+    assert "triton" not in crelu_ext.available_backends("cpu")
+    with pytest.raises(RuntimeError, match=r"backend 'triton' is not available for cpu.*'reference'"):
+        crelu_ext.crelu(torch.ones(2, 2), 1, backend="triton")
+
+
+def test_environment_variable_overrides_auto(monkeypatch):
+    x = torch.randn(2, 3, requires_grad=True)
+    monkeypatch.setenv("CRELU_EXT_BACKEND", "reference")
+    assert crelu_ext.crelu(x, 1).grad_fn.name() == "CatBackward0"
+    # An explicit backend wins over the variable.
+    if "native" in crelu_ext.available_backends("cpu"):
+        assert "CatBackward0" != crelu_ext.crelu(x, 1, backend="native").grad_fn.name()
+    monkeypatch.setenv("CRELU_EXT_BACKEND", "fast")
+    with pytest.raises(ValueError, match=r"unknown CRELU_EXT_BACKEND 'fast'"):
+        crelu_ext.crelu(x, 1)
+
+
+def test_auto_prefers_native():
+    backends = crelu_ext.available_backends("cpu")
+    assert backends[-1] == "reference"
+    x = torch.randn(2, 3, requires_grad=True)
+    uses_reference = crelu_ext.crelu(x, 1).grad_fn.name() == "CatBackward0"
+    assert uses_reference == (backends[0] == "reference")
