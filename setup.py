@@ -52,7 +52,11 @@ def wants_cuda(cuda_home):
         if forced == "1" and (cuda_home is None or torch.version.cuda is None):
             sys.exit(
                 "CRELU_EXT_CUDA=1, but "
-                + ("no CUDA toolkit was found (set CUDA_HOME)" if cuda_home is None else "this torch is a CPU-only build")
+                + (
+                    "no CUDA toolkit was found (set CUDA_HOME)"
+                    if cuda_home is None
+                    else "this torch is a CPU-only build"
+                )
             )
         return forced == "1"
     return cuda_home is not None and torch.version.cuda is not None

@@ -1,7 +1,7 @@
 """crelu_ext: CReLU (Shang et al., ICML 2016) as a fast, exact, fused torch op.
 
-    y = crelu_ext.crelu(x, dim=1)        # == cat([relu(x), relu(-x)], dim=1)
-    m = crelu_ext.CReLU(dim=1)
+y = crelu_ext.crelu(x, dim=1)        # == cat([relu(x), relu(-x)], dim=1)
+m = crelu_ext.CReLU(dim=1)
 """
 
 from . import reference

@@ -102,9 +102,7 @@ def _register() -> None:
     torch.library.register_fake("crelu_ext::crelu", _fake_crelu)
     torch.library.register_fake("crelu_ext::crelu_backward", _fake_backward)
     torch.library.register_fake("crelu_ext::crelu_backward_backward", _fake_backward_backward)
-    torch.library.register_autograd(
-        "crelu_ext::crelu", _crelu_backward, setup_context=_setup_crelu
-    )
+    torch.library.register_autograd("crelu_ext::crelu", _crelu_backward, setup_context=_setup_crelu)
     torch.library.register_autograd(
         "crelu_ext::crelu_backward",
         _backward_of(ops.crelu_backward_backward),

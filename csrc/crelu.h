@@ -25,8 +25,8 @@
 
 namespace crelu_ext {
 
-constexpr int64_t kMaskBlock = 32;       // elements per mask block
-constexpr int64_t kMaskBlockBytes = 8;   // a pos word and a neg word
+constexpr int64_t kMaskBlock = 32;      // elements per mask block
+constexpr int64_t kMaskBlockBytes = 8;  // a pos word and a neg word
 
 inline int64_t mask_bytes(int64_t numel) {
   return (numel + kMaskBlock - 1) / kMaskBlock * kMaskBlockBytes;

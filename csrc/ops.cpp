@@ -53,8 +53,8 @@ int64_t wrap_dim(const at::Tensor& t, int64_t dim, const char* op) {
   TORCH_CHECK(ndim > 0, "crelu_ext.", op,
               ": a zero-dimensional tensor cannot be concatenated; "
               "give it at least one dimension");
-  TORCH_CHECK_INDEX(dim >= -ndim && dim < ndim, "crelu_ext.", op, ": dim ",
-                    dim, " is out of range for a ", ndim,
+  TORCH_CHECK_INDEX(dim >= -ndim && dim < ndim, "crelu_ext.", op, ": dim ", dim,
+                    " is out of range for a ", ndim,
                     "-D tensor (expected it in [", -ndim, ", ", ndim - 1, "])");
   return dim < 0 ? dim + ndim : dim;
 }
@@ -67,12 +67,12 @@ at::MemoryFormat output_memory_format(const at::Tensor& x) {
       x.is_non_overlapping_and_dense()
           ? x.strides().vec()
           : at::infer_dense_strides(x.sizes(), x.strides());
-  if (x.dim() == 4 && c10::is_channels_last_strides_2d(x.sizes(),
-                                                       at::IntArrayRef(strides))) {
+  if (x.dim() == 4 &&
+      c10::is_channels_last_strides_2d(x.sizes(), at::IntArrayRef(strides))) {
     return at::MemoryFormat::ChannelsLast;
   }
-  if (x.dim() == 5 && c10::is_channels_last_strides_3d(
-                          x.sizes(), at::IntArrayRef(strides))) {
+  if (x.dim() == 5 &&
+      c10::is_channels_last_strides_3d(x.sizes(), at::IntArrayRef(strides))) {
     return at::MemoryFormat::ChannelsLast3d;
   }
   return at::MemoryFormat::Contiguous;
@@ -80,13 +80,12 @@ at::MemoryFormat output_memory_format(const at::Tensor& x) {
 
 void check_memory_format(at::MemoryFormat memory_format, int64_t ndim,
                          const char* op) {
-  TORCH_CHECK(memory_format == at::MemoryFormat::Contiguous ||
-                  (memory_format == at::MemoryFormat::ChannelsLast &&
-                   ndim == 4) ||
-                  (memory_format == at::MemoryFormat::ChannelsLast3d &&
-                   ndim == 5),
-              "crelu_ext.", op, ": memory_format ", memory_format,
-              " does not fit a ", ndim, "-D tensor");
+  TORCH_CHECK(
+      memory_format == at::MemoryFormat::Contiguous ||
+          (memory_format == at::MemoryFormat::ChannelsLast && ndim == 4) ||
+          (memory_format == at::MemoryFormat::ChannelsLast3d && ndim == 5),
+      "crelu_ext.", op, ": memory_format ", memory_format, " does not fit a ",
+      ndim, "-D tensor");
 }
 
 void check_mask(const at::Tensor& mask, const at::Tensor& like, int64_t numel,
@@ -120,9 +119,9 @@ std::tuple<at::Tensor, at::Tensor> crelu_forward_impl(ForwardKernel kernel,
   const at::Tensor input = x.contiguous(memory_format);
   at::Tensor out = at::empty(with_dim_scaled(x.sizes(), dim, 2, 1),
                              x.options().memory_format(memory_format));
-  at::Tensor mask =
-      save_mask ? at::empty({mask_bytes(x.numel())}, x.options().dtype(at::kByte))
-                : at::empty({0}, x.options().dtype(at::kByte));
+  at::Tensor mask = save_mask ? at::empty({mask_bytes(x.numel())},
+                                          x.options().dtype(at::kByte))
+                              : at::empty({0}, x.options().dtype(at::kByte));
   if (x.numel() > 0) {
     at::Tensor mask_arg = save_mask ? mask : at::Tensor();
     kernel(input, plan_layout(x.sizes(), dim, memory_format), out, mask_arg);
@@ -194,13 +193,12 @@ TORCH_LIBRARY_IMPL(crelu_ext, CPU, m) {
            return crelu_backward_impl(crelu_backward_cpu, grad_out, mask, dim,
                                       memory_format);
          });
-  m.impl("crelu_backward_backward",
-         [](const at::Tensor& grad_grad_x, const at::Tensor& mask, int64_t dim,
-            at::MemoryFormat memory_format) {
-           return crelu_backward_backward_impl(crelu_backward_backward_cpu,
-                                               grad_grad_x, mask, dim,
-                                               memory_format);
-         });
+  m.impl("crelu_backward_backward", [](const at::Tensor& grad_grad_x,
+                                       const at::Tensor& mask, int64_t dim,
+                                       at::MemoryFormat memory_format) {
+    return crelu_backward_backward_impl(crelu_backward_backward_cpu,
+                                        grad_grad_x, mask, dim, memory_format);
+  });
 }
 
 }  // namespace crelu_ext

@@ -42,7 +42,9 @@ def test_the_native_op_checks_its_own_inputs():
     _, mask = ops.crelu(torch.ones(4, 64), 1, True)
     with pytest.raises(RuntimeError, match=r"crelu_ext\.crelu_backward: expected the uint8 mask"):
         ops.crelu_backward(torch.ones(4, 64), mask, 1, torch.contiguous_format)
-    with pytest.raises(RuntimeError, match=r"crelu_ext\.crelu_backward: grad_out must have an even"):
+    with pytest.raises(
+        RuntimeError, match=r"crelu_ext\.crelu_backward: grad_out must have an even"
+    ):
         ops.crelu_backward(torch.ones(4, 127), mask, 1, torch.contiguous_format)
     with pytest.raises(RuntimeError, match=r"crelu_ext\.crelu_backward: memory_format"):
         ops.crelu_backward(torch.ones(4, 128), mask, 1, torch.channels_last)
@@ -51,13 +53,17 @@ def test_the_native_op_checks_its_own_inputs():
 
 
 def test_unknown_backend_lists_the_available_ones():
-    with pytest.raises(ValueError, match=r"unknown backend 'cuda'.*available on cpu: \[.*'reference'\]"):
+    with pytest.raises(
+        ValueError, match=r"unknown backend 'cuda'.*available on cpu: \[.*'reference'\]"
+    ):
         crelu_ext.crelu(torch.ones(2, 2), 1, backend="cuda")
 
 
 def test_unavailable_backend_lists_the_available_ones():
     assert "triton" not in crelu_ext.available_backends("cpu")
-    with pytest.raises(RuntimeError, match=r"backend 'triton' is not available for cpu.*'reference'"):
+    with pytest.raises(
+        RuntimeError, match=r"backend 'triton' is not available for cpu.*'reference'"
+    ):
         crelu_ext.crelu(torch.ones(2, 2), 1, backend="triton")
 
 
@@ -67,7 +73,7 @@ def test_environment_variable_overrides_auto(monkeypatch):
     assert crelu_ext.crelu(x, 1).grad_fn.name() == "CatBackward0"
     # An explicit backend wins over the variable.
     if "native" in crelu_ext.available_backends("cpu"):
-        assert "CatBackward0" != crelu_ext.crelu(x, 1, backend="native").grad_fn.name()
+        assert crelu_ext.crelu(x, 1, backend="native").grad_fn.name() != "CatBackward0"
     monkeypatch.setenv("CRELU_EXT_BACKEND", "fast")
     with pytest.raises(ValueError, match=r"unknown CRELU_EXT_BACKEND 'fast'"):
         crelu_ext.crelu(x, 1)

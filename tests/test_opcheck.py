@@ -19,10 +19,18 @@ def forward_samples(device):
     for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
         for requires_grad in (False, True) if dtype.itemsize >= 4 else (False,):
             yield sample((2, 3, 4, 5), dtype, device), 1, requires_grad
-            yield sample((2, 6, 3, 5), dtype, device).to(memory_format=torch.channels_last), -3, requires_grad
+            yield (
+                sample((2, 6, 3, 5), dtype, device).to(memory_format=torch.channels_last),
+                -3,
+                requires_grad,
+            )
             yield sample((7, 9), dtype, device).t(), 0, requires_grad
             yield sample((33,), dtype, device)[1:], 0, requires_grad
-            yield sample((2, 3, 2, 3, 2), dtype, device).to(memory_format=torch.channels_last_3d), 2, requires_grad
+            yield (
+                sample((2, 3, 2, 3, 2), dtype, device).to(memory_format=torch.channels_last_3d),
+                2,
+                requires_grad,
+            )
 
 
 @pytest.fixture

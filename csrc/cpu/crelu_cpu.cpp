@@ -10,14 +10,14 @@
 namespace crelu_ext {
 namespace cpu {
 
-#define CRELU_EXT_DECLARE_CAPABILITY(CAP)                                      \
-  namespace CAP {                                                              \
-  void forward_kernel(const at::Tensor&, const LayoutPlan&, at::Tensor&,       \
-                      at::Tensor&);                                            \
-  void backward_kernel(const at::Tensor&, const at::Tensor&,                   \
-                       const LayoutPlan&, at::Tensor&);                        \
-  void backward_backward_kernel(const at::Tensor&, const at::Tensor&,          \
-                                const LayoutPlan&, at::Tensor&);               \
+#define CRELU_EXT_DECLARE_CAPABILITY(CAP)                                \
+  namespace CAP {                                                        \
+  void forward_kernel(const at::Tensor&, const LayoutPlan&, at::Tensor&, \
+                      at::Tensor&);                                      \
+  void backward_kernel(const at::Tensor&, const at::Tensor&,             \
+                       const LayoutPlan&, at::Tensor&);                  \
+  void backward_backward_kernel(const at::Tensor&, const at::Tensor&,    \
+                                const LayoutPlan&, at::Tensor&);         \
   }
 
 CRELU_EXT_DECLARE_CAPABILITY(DEFAULT)

@@ -262,7 +262,6 @@ void backward_backward(const scalar_t* grad_grad_x, const uint32_t* mask,
 
 // ---- entry points of this capability, called by crelu_cpu.cpp ----
 
-
 inline uint32_t* mask_words(at::Tensor& mask) {
   return mask.defined() ? reinterpret_cast<uint32_t*>(mask.data_ptr<uint8_t>())
                         : nullptr;

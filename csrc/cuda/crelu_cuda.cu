@@ -11,11 +11,11 @@
 // 64-bit otherwise (the output has 2 * numel elements).
 #include <ATen/OpMathType.h>
 #include <ATen/cuda/CUDAContext.h>
-#include <ATen/cuda/detail/IntegerDivider.cuh>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <ATen/cuda/detail/IntegerDivider.cuh>
 #include <algorithm>
 #include <cstdint>
 #include <limits>
@@ -65,8 +65,8 @@ template <typename index_t, typename Body>
 __device__ __forceinline__ void for_each_unit(index_t numel, Body body) {
   const index_t units = (numel + kUnit - 1) / kUnit;
   const index_t stride = static_cast<index_t>(gridDim.x) * blockDim.x;
-  for (index_t unit = static_cast<index_t>(blockIdx.x) * blockDim.x +
-                      threadIdx.x;
+  for (index_t unit =
+           static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x;
        unit < units; unit += stride) {
     const index_t flat = unit * kUnit;
     const int count = static_cast<int>(
@@ -77,8 +77,8 @@ __device__ __forceinline__ void for_each_unit(index_t numel, Body body) {
 
 // Offset of element `flat`'s relu(x) half in [outer, 2, inner].
 template <typename index_t>
-__device__ __forceinline__ index_t pair_offset(index_t flat,
-                                               const IntDivider<index_t>& inner) {
+__device__ __forceinline__ index_t
+pair_offset(index_t flat, const IntDivider<index_t>& inner) {
   const auto qr = inner.divmod(flat);
   return qr.div * 2 * inner.divisor + qr.mod;
 }
@@ -196,17 +196,18 @@ bool is_aligned_16(const void* p) {
 // Picks 32- or 64-bit offsets and the vectorized or scalar path, then
 // launches `Kernel<scalar_t, index_t, vectorized>` on the current stream.
 // Launches never synchronize the host, so they can be captured in graphs.
-template <template <typename, typename, bool> class KernelOf,
-          typename scalar_t, typename... Pointers>
+template <template <typename, typename, bool> class KernelOf, typename scalar_t,
+          typename... Pointers>
 void launch(const at::Tensor& any_input, int64_t numel, int64_t inner,
             Pointers... pointers) {
   const c10::cuda::CUDAGuard guard(any_input.device());
-  const bool vectorized = inner % kUnit == 0 && (is_aligned_16(pointers) && ...);
+  const bool vectorized =
+      inner % kUnit == 0 && (is_aligned_16(pointers) && ...);
   const int64_t units = (numel + kUnit - 1) / kUnit;
   const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   // Enough blocks to fill every SM several times over; the loop strides on.
-  const int64_t blocks = std::min<int64_t>((units + kThreads - 1) / kThreads,
-                                           int64_t{sms} * 32);
+  const int64_t blocks =
+      std::min<int64_t>((units + kThreads - 1) / kThreads, int64_t{sms} * 32);
   const auto stream = at::cuda::getCurrentCUDAStream();
   const bool index32 =
       2 * numel <= static_cast<int64_t>(std::numeric_limits<int32_t>::max());
@@ -226,14 +227,14 @@ void launch(const at::Tensor& any_input, int64_t numel, int64_t inner,
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-#define CRELU_EXT_KERNEL_LAUNCHER(NAME, KERNEL)                              \
-  template <typename scalar_t, typename index_t, bool kVectorized>           \
-  struct NAME {                                                              \
-    template <typename... Args>                                              \
-    static void launch(int64_t blocks, cudaStream_t stream, Args... args) {  \
-      KERNEL<scalar_t, index_t, kVectorized>                                 \
-          <<<blocks, kThreads, 0, stream>>>(args...);                        \
-    }                                                                        \
+#define CRELU_EXT_KERNEL_LAUNCHER(NAME, KERNEL)                             \
+  template <typename scalar_t, typename index_t, bool kVectorized>          \
+  struct NAME {                                                             \
+    template <typename... Args>                                             \
+    static void launch(int64_t blocks, cudaStream_t stream, Args... args) { \
+      KERNEL<scalar_t, index_t, kVectorized>                                \
+          <<<blocks, kThreads, 0, stream>>>(args...);                       \
+    }                                                                       \
   };
 
 CRELU_EXT_KERNEL_LAUNCHER(ForwardLauncher, crelu_forward_kernel)
@@ -241,7 +242,6 @@ CRELU_EXT_KERNEL_LAUNCHER(BackwardLauncher, crelu_backward_kernel)
 CRELU_EXT_KERNEL_LAUNCHER(BackwardBackwardLauncher,
                           crelu_backward_backward_kernel)
 #undef CRELU_EXT_KERNEL_LAUNCHER
-
 
 }  // namespace
 
@@ -260,10 +260,10 @@ void crelu_forward_cuda(const at::Tensor& x, const LayoutPlan& plan,
 void crelu_backward_cuda(const at::Tensor& grad_out, const at::Tensor& mask,
                          const LayoutPlan& plan, at::Tensor& grad_x) {
   CRELU_EXT_DISPATCH_FLOATS(grad_x.scalar_type(), "crelu_backward_cuda", [&] {
-    launch<BackwardLauncher, scalar_t>(
-        grad_out, grad_x.numel(), plan.inner,
-        grad_out.const_data_ptr<scalar_t>(), mask.const_data_ptr<uint8_t>(),
-        grad_x.data_ptr<scalar_t>());
+    launch<BackwardLauncher, scalar_t>(grad_out, grad_x.numel(), plan.inner,
+                                       grad_out.const_data_ptr<scalar_t>(),
+                                       mask.const_data_ptr<uint8_t>(),
+                                       grad_x.data_ptr<scalar_t>());
   });
 }
 
@@ -290,13 +290,12 @@ TORCH_LIBRARY_IMPL(crelu_ext, CUDA, m) {
            return crelu_backward_impl(crelu_backward_cuda, grad_out, mask, dim,
                                       memory_format);
          });
-  m.impl("crelu_backward_backward",
-         [](const at::Tensor& grad_grad_x, const at::Tensor& mask, int64_t dim,
-            at::MemoryFormat memory_format) {
-           return crelu_backward_backward_impl(crelu_backward_backward_cuda,
-                                               grad_grad_x, mask, dim,
-                                               memory_format);
-         });
+  m.impl("crelu_backward_backward", [](const at::Tensor& grad_grad_x,
+                                       const at::Tensor& mask, int64_t dim,
+                                       at::MemoryFormat memory_format) {
+    return crelu_backward_backward_impl(crelu_backward_backward_cuda,
+                                        grad_grad_x, mask, dim, memory_format);
+  });
 }
 
 }  // namespace crelu_ext

@@ -1,0 +1,54 @@
+# Every target sets up what it needs: a fresh machine needs only `make test`
+# or `make bench`. VENV=/path/to/env reuses another environment, and
+# PYTHON=python3 (with VENV=) uses the current interpreter as it is.
+VENV ?= .venv
+PYTHON ?= $(VENV)/bin/python
+JOBS ?= 2
+CMAKE_BUILD ?= build/cmake
+SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h') setup.py
+
+.PHONY: test bench build cmake-test lint format ci clean
+
+$(VENV)/.installed: requirements-dev.txt
+	python3 -m venv $(VENV)
+	$(PYTHON) -m pip install --quiet --upgrade pip
+	$(PYTHON) -m pip install --quiet -r requirements-dev.txt
+	touch $@
+
+# The extension, CUDA included when nvcc and a CUDA torch are there (see setup.py).
+build/.built: $(VENV)/.installed $(SOURCES)
+	MAX_JOBS=$(JOBS) $(PYTHON) -m pip install --quiet --no-build-isolation -e .
+	mkdir -p build && touch $@
+
+build: build/.built
+
+# The tests; the native CPU kernels must have been built (no silent fallback).
+test: build/.built
+	CRELU_EXT_REQUIRE_NATIVE=1 $(PYTHON) -m pytest tests -q
+
+# The benchmark, on the GPU if there is one, else the CPU.
+bench: build/.built
+	$(PYTHON) -m crelu_ext bench
+
+# The same csrc/ built by CMake as a libtorch op library, and its C++ test.
+cmake-test: $(VENV)/.installed
+	cmake -S . -B $(CMAKE_BUILD) -G Ninja -DPython3_EXECUTABLE=$(abspath $(PYTHON))
+	cmake --build $(CMAKE_BUILD) -j $(JOBS)
+	ctest --test-dir $(CMAKE_BUILD) --output-on-failure
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/clang-format --dry-run --Werror $(filter-out setup.py,$(SOURCES)) tests/cpp/*.cpp
+
+format: $(VENV)/.installed
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/clang-format -i $(filter-out setup.py,$(SOURCES)) tests/cpp/*.cpp
+
+# What CI runs: the CUDA kernels must compile, even with no GPU to run them.
+ci: export CRELU_EXT_CUDA = 1
+ci: lint cmake-test test
+
+clean:
+	rm -rf build crelu_ext/_C*.so *.egg-info
