@@ -88,13 +88,17 @@ def extension():
     )
     # The stable ABI needs only PyInit__C, so one wheel serves every Python >= 3.9.
     define_macros = [("Py_LIMITED_API", "0x03090000")]
-    extra_compile_args = {"cxx": ["-O3", "-fdiagnostics-color=always"]}
+    # ATen's parallel_for runs its OpenMP loop only in code built with -fopenmp;
+    # without it every kernel silently runs on one thread.
+    extra_compile_args = {"cxx": ["-O3", "-fopenmp", "-fdiagnostics-color=always"]}
+    extra_link_args = ["-fopenmp"]
     if not with_cuda:
         return CppExtension(
             "crelu_ext._C",
             sources,
             define_macros=define_macros,
             extra_compile_args=extra_compile_args,
+            extra_link_args=extra_link_args,
             py_limited_api=True,
         )
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCH_LIST)
@@ -106,6 +110,7 @@ def extension():
         include_dirs=pip_cuda_include_dirs(),
         define_macros=define_macros,
         extra_compile_args=extra_compile_args,
+        extra_link_args=extra_link_args,
         py_limited_api=True,
     )
 
