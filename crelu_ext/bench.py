@@ -5,10 +5,20 @@ Forward (inference, no mask) reads E and writes 2E elements; forward+backward
 also writes and reads the 2-bit mask, reads the 2E gradient and writes E. The
 roofline is a same-run ``dst.copy_(src)`` of a tensor the size of the output,
 counting its read and write. Every figure comes from one run on one device.
+
+On CPU the allocator decides much of the result. glibc's malloc maps every
+allocation over 32 MB afresh, so each call's output pages fault on first
+touch and the OS zeroes them: every provider then runs at the page-fault rate
+("system"). Caching allocators (jemalloc, tcmalloc, and the CUDA allocator on
+GPUs) reuse memory; "reuse" gets the same from glibc by raising its mmap and
+trim thresholds, and shows what the kernels themselves do. The roofline copy
+writes into a preallocated tensor in both.
 """
 
 import argparse
+import contextlib
 import csv
+import ctypes
 import datetime
 import platform
 import shlex
@@ -85,7 +95,21 @@ def timer(device: torch.device, reps: int):
     return measure
 
 
-def providers(device: torch.device) -> dict:
+def use_reusing_allocator() -> bool:
+    """Makes glibc's malloc keep and reuse large blocks, as caching allocators
+    do (see the module docstring). False where that is not possible."""
+    if platform.system() != "Linux":
+        return False
+    with contextlib.suppress(OSError):
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        return bool(libc.mallopt(m_mmap_threshold, 1 << 30)) and bool(
+            libc.mallopt(m_trim_threshold, 1 << 30)
+        )
+    return False
+
+
+def providers(device: torch.device, names: list[str] | None = None) -> dict:
     """name -> function(x, dim) for every provider that runs on ``device``."""
     result = {
         backend: (lambda b: lambda x, dim: crelu(x, dim, backend=b))(backend)
@@ -102,6 +126,11 @@ def providers(device: torch.device) -> dict:
             return compile_no_pointwise_cat(x, dim)
 
     result["compile-catcopy"] = compile_cat_copy
+    if names:
+        unknown = set(names) - set(result)
+        if unknown:
+            raise SystemExit(f"unknown providers {sorted(unknown)}; available: {list(result)}")
+        result = {name: result[name] for name in names}
     return result
 
 
@@ -112,7 +141,7 @@ def minimal_bytes(case: Case, numel: int, element_size: int) -> int:
     return 6 * numel * element_size + mask
 
 
-def run_case(case: Case, device: torch.device, fns: dict, measure) -> list[dict]:
+def run_case(case: Case, device: torch.device, fns: dict, measure, allocator: str) -> list[dict]:
     x = torch.randn(case.shape, dtype=case.dtype, device=device)
     if case.layout == "channels_last":
         x = x.to(memory_format=torch.channels_last)
@@ -144,6 +173,7 @@ def run_case(case: Case, device: torch.device, fns: dict, measure) -> list[dict]
                 "layout": case.layout,
                 "dtype": str(case.dtype).removeprefix("torch."),
                 "direction": case.direction,
+                "allocator": allocator,
                 "provider": name,
                 "median_ms": seconds * 1e3,
                 "spread_ms": spread * 1e3,
@@ -154,24 +184,29 @@ def run_case(case: Case, device: torch.device, fns: dict, measure) -> list[dict]
         )
     by_name = {row["provider"]: row["median_ms"] for row in rows}
     for row in rows:
-        row["speedup_vs_eager"] = by_name["eager"] / row["median_ms"]
-        row["speedup_vs_compile"] = by_name["compile"] / row["median_ms"]
+        for peer in ("eager", "compile"):
+            row[f"speedup_vs_{peer}"] = by_name[peer] / row["median_ms"] if peer in by_name else ""
     return rows
+
+
+def ratio(value) -> str:
+    return f"{value:.2f}x" if value != "" else "-"
 
 
 def print_table(rows: list[dict]) -> None:
     header = (
-        f"{'shape':>16} {'layout':>13} {'dtype':>8} {'direction':>16} {'provider':>15} "
-        f"{'ms':>9} {'GB/s':>7} {'copy%':>6} {'vs eager':>8} {'vs compile':>10}"
+        f"{'shape':>16} {'layout':>13} {'dtype':>8} {'direction':>16} {'allocator':>9} "
+        f"{'provider':>15} {'ms':>9} {'±ms':>6} {'GB/s':>7} {'copy%':>6} {'vs eager':>8} "
+        f"{'vs compile':>10}"
     )
     print(header)
     print("-" * len(header))
     for r in rows:
         print(
             f"{r['shape']:>16} {r['layout']:>13} {r['dtype']:>8} {r['direction']:>16} "
-            f"{r['provider']:>15} {r['median_ms']:9.3f} {r['gbps']:7.2f} "
-            f"{100 * r['fraction_of_copy']:5.0f}% {r['speedup_vs_eager']:7.2f}x "
-            f"{r['speedup_vs_compile']:9.2f}x"
+            f"{r['allocator']:>9} {r['provider']:>15} {r['median_ms']:9.3f} "
+            f"{r['spread_ms']:6.2f} {r['gbps']:7.2f} {100 * r['fraction_of_copy']:5.0f}% "
+            f"{ratio(r['speedup_vs_eager']):>8} {ratio(r['speedup_vs_compile']):>10}"
         )
 
 
@@ -216,6 +251,15 @@ def main(argv: list[str] | None = None) -> None:
         metavar="N,C,H,W[:channels_last]",
         help="benchmark this shape instead of the defaults (repeatable)",
     )
+    parser.add_argument(
+        "--providers", help="comma-separated subset, e.g. native,eager (default: all)"
+    )
+    parser.add_argument(
+        "--allocator",
+        choices=["system", "reuse", "both"],
+        default="both",
+        help="CPU only: how output memory is obtained (see above); default both",
+    )
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--no-save", action="store_true", help="print only; append no results")
     args = parser.parse_args(argv)
@@ -242,10 +286,23 @@ def main(argv: list[str] | None = None) -> None:
         f"{torch.backends.cpu.get_cpu_capability()}",
         file=sys.stderr,
     )
-    fns, measure = providers(device), timer(device, args.reps)
+    fns = providers(device, args.providers.split(",") if args.providers else None)
+    measure = timer(device, args.reps)
+    if device.type == "cuda":
+        allocators = ["caching"]
+    else:
+        allocators = ["system", "reuse"] if args.allocator == "both" else [args.allocator]
     rows = []
-    for case in tqdm(cases, desc="bench", unit="case", file=sys.stderr):
-        rows += run_case(case, device, fns, measure)
+    progress = tqdm(total=len(cases) * len(allocators), desc="bench", unit="case", file=sys.stderr)
+    for allocator in allocators:
+        # glibc cannot go back once it reuses memory, so "system" runs first.
+        if allocator == "reuse" and not use_reusing_allocator():
+            print("cannot make the allocator reuse memory here; skipped", file=sys.stderr)
+            continue
+        for case in cases:
+            rows += run_case(case, device, fns, measure, allocator)
+            progress.update()
+    progress.close()
     print_table(rows)
     if not args.no_save:
         print(f"appended to {append_results(rows, device, args.out)}", file=sys.stderr)
