@@ -83,7 +83,7 @@ def timer(device: torch.device, reps: int):
         return measure
 
     def measure(fn):
-        for _ in range(2):
+        for _ in range(3):  # compiles, and lets the allocator reach its steady state
             fn()
         times = []
         for _ in range(reps):
@@ -244,7 +244,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m crelu_ext bench", description=__doc__)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-    parser.add_argument("--reps", type=int, default=15, help="timed runs per CPU measurement")
+    parser.add_argument("--reps", type=int, default=20, help="timed runs per CPU measurement")
     parser.add_argument(
         "--shape",
         action="append",
