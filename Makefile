@@ -23,8 +23,11 @@ build/.built: $(VENV)/.installed $(SOURCES)
 build: build/.built
 
 # The tests; the native CPU kernels must have been built (no silent fallback).
+# The Triton kernels run on CPU tensors in Triton's interpreter, in a second
+# session: TRITON_INTERPRET is read when the kernels are defined.
 test: build/.built
 	CRELU_EXT_REQUIRE_NATIVE=1 $(PYTHON) -m pytest tests -q
+	TRITON_INTERPRET=1 $(PYTHON) -m pytest tests -q -k triton-cpu
 
 # The benchmark, on the GPU if there is one, else the CPU.
 bench: build/.built

@@ -94,3 +94,27 @@ def scaled_shape(shape, dim: int, numerator: int, denominator: int) -> list:
     scaled = list(shape)
     scaled[dim] = scaled[dim] * numerator // denominator
     return scaled
+
+
+def _empty(shape, like: torch.Tensor, memory_format: torch.memory_format) -> torch.Tensor:
+    return torch.empty(shape, dtype=like.dtype, device=like.device, memory_format=memory_format)
+
+
+# The outputs of the three ops, as every backend allocates them (and the fake
+# kernels describe them): the strides torch.cat gives, the mask's byte count.
+
+
+def allocate_forward(x: torch.Tensor, dim: int, save_mask: bool):
+    out = _empty(scaled_shape(x.shape, dim, 2, 1), x, output_memory_format(x))
+    mask = x.new_empty((mask_bytes(x.numel()) if save_mask else 0,), dtype=torch.uint8)
+    return out, mask
+
+
+def allocate_backward(grad_out: torch.Tensor, dim: int, memory_format: torch.memory_format):
+    return _empty(scaled_shape(grad_out.shape, dim, 1, 2), grad_out, memory_format)
+
+
+def allocate_backward_backward(
+    grad_grad_x: torch.Tensor, dim: int, memory_format: torch.memory_format
+):
+    return _empty(scaled_shape(grad_grad_x.shape, dim, 2, 1), grad_grad_x, memory_format)

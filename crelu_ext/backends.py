@@ -1,7 +1,7 @@
 """Backend selection and the functional API.
 
 ``native``: the compiled kernels in csrc/ (CPU, and CUDA when built with it).
-``triton``: Triton kernels (not built yet).
+``triton``: the Triton kernels in triton_kernels.py (CUDA; CPU in the interpreter).
 ``reference``: the torch composition in reference.py, available everywhere.
 """
 
@@ -9,7 +9,7 @@ import os
 
 import torch
 
-from . import ops, reference
+from . import ops, reference, triton_kernels
 from ._layout import check_input
 
 BACKENDS = ("native", "triton", "reference")
@@ -17,6 +17,7 @@ ENV_VAR = "CRELU_EXT_BACKEND"
 
 _IMPLEMENTATIONS = {
     "native": ops.crelu,
+    "triton": triton_kernels.crelu,
     "reference": reference.crelu,
 }
 
@@ -28,6 +29,8 @@ def available_backends(device: torch.device | str | None = None) -> list[str]:
     available = []
     if ops.native_available(device):
         available.append("native")
+    if triton_kernels.triton_available(device):
+        available.append("triton")
     available.append("reference")
     return available
 
@@ -50,6 +53,10 @@ def select_backend(backend: str, device: torch.device) -> str:
         reason = ""
         if requested == "native" and ops.NATIVE_IMPORT_ERROR is not None:
             reason = f" (the compiled extension did not load: {ops.NATIVE_IMPORT_ERROR})"
+        elif requested == "triton" and triton_kernels.TRITON_IMPORT_ERROR is not None:
+            reason = f" (triton did not import: {triton_kernels.TRITON_IMPORT_ERROR})"
+        elif requested == "triton" and device.type == "cpu":
+            reason = " (Triton runs CPU tensors only in its interpreter: set TRITON_INTERPRET=1)"
         raise RuntimeError(
             f"crelu_ext.crelu: {origin} {requested!r} is not available for {device.type} "
             f"tensors{reason}; available: {available}"

@@ -1,15 +1,15 @@
 """The native ops (csrc/): fake kernels and autograd, registered on the
-schemas that csrc/ops.cpp defines.
-
-Autograd saves only the packed 2-bit sign mask. The backward is linear in the
-incoming gradient, and ``crelu_backward`` and ``crelu_backward_backward`` are
-each other's adjoints, so each one's backward is the other: every order of
-derivative works.
-"""
+schemas that csrc/ops.cpp defines."""
 
 import torch
 
-from ._layout import check_input, mask_bytes, output_memory_format, scaled_shape
+from ._autograd import register_crelu_autograd
+from ._layout import (
+    allocate_backward,
+    allocate_backward_backward,
+    allocate_forward,
+    check_input,
+)
 
 try:
     from . import _C  # noqa: F401  (loading it registers torch.ops.crelu_ext.*)
@@ -40,79 +40,24 @@ def crelu(x: torch.Tensor, dim: int) -> torch.Tensor:
     return out
 
 
-def _empty(shape, like: torch.Tensor, memory_format: torch.memory_format) -> torch.Tensor:
-    return torch.empty(shape, dtype=like.dtype, device=like.device, memory_format=memory_format)
-
-
 def _fake_crelu(x, dim, save_mask):
-    dim = check_input(x, dim)
-    out = _empty(scaled_shape(x.shape, dim, 2, 1), x, output_memory_format(x))
-    mask = x.new_empty((mask_bytes(x.numel()) if save_mask else 0,), dtype=torch.uint8)
-    return out, mask
+    return allocate_forward(x, check_input(x, dim), save_mask)
 
 
 def _fake_backward(grad_out, mask, dim, memory_format):
-    dim = check_input(grad_out, dim, "crelu_backward")
-    return _empty(scaled_shape(grad_out.shape, dim, 1, 2), grad_out, memory_format)
+    return allocate_backward(grad_out, check_input(grad_out, dim, "crelu_backward"), memory_format)
 
 
 def _fake_backward_backward(grad_grad_x, mask, dim, memory_format):
     dim = check_input(grad_grad_x, dim, "crelu_backward_backward")
-    return _empty(scaled_shape(grad_grad_x.shape, dim, 2, 1), grad_grad_x, memory_format)
-
-
-def _setup_crelu(ctx, inputs, output):
-    x, dim, save_mask = inputs
-    _, mask = output
-    ctx.dim = dim
-    ctx.memory_format = output_memory_format(x)
-    ctx.save_mask = save_mask
-    ctx.save_for_backward(mask)
-    ctx.mark_non_differentiable(mask)
-
-
-def _crelu_backward(ctx, grad_out, _grad_mask):
-    if not ctx.save_mask:
-        raise RuntimeError(
-            "crelu_ext.crelu: cannot differentiate a call made with save_mask=False; "
-            "call it with save_mask=True when the input requires grad"
-        )
-    (mask,) = ctx.saved_tensors
-    grad_x = torch.ops.crelu_ext.crelu_backward(grad_out, mask, ctx.dim, ctx.memory_format)
-    return grad_x, None, None
-
-
-def _setup_masked(ctx, inputs, output):
-    _, mask, dim, memory_format = inputs
-    ctx.dim = dim
-    ctx.memory_format = memory_format
-    ctx.save_for_backward(mask)
-
-
-def _backward_of(adjoint):
-    def backward(ctx, grad):
-        (mask,) = ctx.saved_tensors
-        return adjoint(grad, mask, ctx.dim, ctx.memory_format), None, None, None
-
-    return backward
+    return allocate_backward_backward(grad_grad_x, dim, memory_format)
 
 
 def _register() -> None:
-    ops = torch.ops.crelu_ext
     torch.library.register_fake("crelu_ext::crelu", _fake_crelu)
     torch.library.register_fake("crelu_ext::crelu_backward", _fake_backward)
     torch.library.register_fake("crelu_ext::crelu_backward_backward", _fake_backward_backward)
-    torch.library.register_autograd("crelu_ext::crelu", _crelu_backward, setup_context=_setup_crelu)
-    torch.library.register_autograd(
-        "crelu_ext::crelu_backward",
-        _backward_of(ops.crelu_backward_backward),
-        setup_context=_setup_masked,
-    )
-    torch.library.register_autograd(
-        "crelu_ext::crelu_backward_backward",
-        _backward_of(ops.crelu_backward),
-        setup_context=_setup_masked,
-    )
+    register_crelu_autograd("crelu", "crelu_backward", "crelu_backward_backward")
 
 
 if NATIVE_IMPORT_ERROR is None:

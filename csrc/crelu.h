@@ -80,14 +80,16 @@ C10_HOST_DEVICE inline acc_t crelu_grad(acc_t g1, acc_t g2, bool pos,
   return t1 + (-t2);
 }
 
+// (pos ? g : 0) + 0, and (neg ? -g : 0) + 0: the "+ 0" only turns -0 into
+// +0, so it is written as a comparison that no compiler can fold away.
 template <typename acc_t>
 C10_HOST_DEVICE inline acc_t crelu_grad_grad_pos(acc_t g, bool pos) {
-  return (pos ? g : acc_t(0)) + acc_t(0);
+  return pos && g != acc_t(0) ? g : acc_t(0);
 }
 
 template <typename acc_t>
 C10_HOST_DEVICE inline acc_t crelu_grad_grad_neg(acc_t g, bool neg) {
-  return (neg ? -g : acc_t(0)) + acc_t(0);
+  return neg && g != acc_t(0) ? -g : acc_t(0);
 }
 
 // ---- the ops, shared by every device (ops.cpp) ----

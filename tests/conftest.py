@@ -8,10 +8,13 @@ import crelu_ext
 # Backends under test on each device. A combination that cannot run here is
 # skipped with the reason; CI requires the native CPU kernels separately
 # (test_build.py), so a broken build cannot hide behind a skip.
+# triton-cpu runs in Triton's interpreter: `TRITON_INTERPRET=1 pytest -k triton-cpu`.
 BACKEND_DEVICES = [
     ("native", "cpu"),
+    ("triton", "cpu"),
     ("reference", "cpu"),
     ("native", "cuda"),
+    ("triton", "cuda"),
     ("reference", "cuda"),
 ]
 

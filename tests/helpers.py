@@ -1,10 +1,22 @@
 """Shared test helpers: inputs with special values, bitwise comparison, layouts."""
 
+import pytest
 import torch
 
 import crelu_ext
 
 INT_VIEW = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def unsupported(backend: str, device: str, dtype: torch.dtype) -> bool:
+    """Triton's interpreter (CPU tensors) emulates kernels with numpy, which has
+    no bfloat16."""
+    return backend == "triton" and device == "cpu" and dtype == torch.bfloat16
+
+
+def skip_unsupported(backend: str, device: str, dtype: torch.dtype) -> None:
+    if unsupported(backend, device, dtype):
+        pytest.skip("Triton's interpreter has no bfloat16")
 
 
 def special_values(dtype: torch.dtype) -> list[float]:

@@ -47,3 +47,23 @@ print("ok")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok"
+
+
+def test_imports_without_triton():
+    code = """
+import sys
+sys.modules["triton"] = None  # as if it were not installed
+import torch, crelu_ext
+assert "triton" not in crelu_ext.available_backends("cpu")
+try:
+    crelu_ext.crelu(torch.randn(2, 3), backend="triton")
+except RuntimeError as e:
+    assert "triton did not import" in str(e), e
+else:
+    raise AssertionError("triton should be unavailable")
+print("ok")
+"""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok"

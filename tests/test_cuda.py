@@ -13,7 +13,7 @@ pytestmark = [
 ]
 
 
-@pytest.fixture(params=["native"])
+@pytest.fixture(params=["native", "triton"])
 def cuda_backend(request):
     if request.param not in crelu_ext.available_backends("cuda"):
         pytest.skip(f"{request.param} is not available on cuda")

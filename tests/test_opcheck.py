@@ -3,7 +3,7 @@ AOT dispatch, on every sample of every native op."""
 
 import pytest
 import torch
-from helpers import make_input
+from helpers import make_input, unsupported
 
 import crelu_ext
 from crelu_ext._layout import mask_bytes
@@ -33,36 +33,56 @@ def forward_samples(device):
             )
 
 
+# Each backend's three ops, by op name prefix.
+OP_PREFIX = {"native": "", "triton": "triton_"}
+
+
 @pytest.fixture
-def native_device(backend_device):
+def backend_ops(backend_device):
     backend, device = backend_device
-    if backend != "native":
-        pytest.skip("opcheck covers the native ops")
-    return device
+    if backend not in OP_PREFIX:
+        pytest.skip(f"{backend} registers no ops")
+    prefix = OP_PREFIX[backend]
+
+    # Interpreted Triton kernels are Python functions that tracing cannot see
+    # into (see test_compile.py), so AOT dispatch is checked on GPUs only.
+    test_utils = (
+        ("test_schema", "test_autograd_registration", "test_faketensor")
+        if (backend, device) == ("triton", "cpu")
+        else torch.library._OPCHECK_DEFAULT_UTILS
+    )
+
+    def op(name):
+        return getattr(torch.ops.crelu_ext, prefix + name).default
+
+    def check(name, args):
+        torch.library.opcheck(op(name), args, test_utils=test_utils)
+
+    return backend, device, op, check
 
 
-def test_opcheck_crelu(native_device):
-    for x, dim, requires_grad in forward_samples(native_device):
-        x = x.detach().requires_grad_(requires_grad)
-        torch.library.opcheck(torch.ops.crelu_ext.crelu.default, (x, dim, requires_grad))
+def test_opcheck_crelu(backend_ops):
+    backend, device, _, check = backend_ops
+    for x, dim, requires_grad in forward_samples(device):
+        if unsupported(backend, device, x.dtype):
+            continue
+        check("crelu", (x.detach().requires_grad_(requires_grad), dim, requires_grad))
 
 
-def test_opcheck_backward_ops(native_device):
-    for x, dim, _ in forward_samples(native_device):
+def test_opcheck_backward_ops(backend_ops):
+    backend, device, op, check = backend_ops
+    for x, dim, _ in forward_samples(device):
+        if unsupported(backend, device, x.dtype):
+            continue
         memory_format = crelu_ext._layout.output_memory_format(x)
-        _, mask = torch.ops.crelu_ext.crelu(x, dim, True)
+        _, mask = op("crelu")(x, dim, True)
         assert mask.numel() == mask_bytes(x.numel())
         out_shape = list(x.shape)
         out_shape[dim] *= 2
-        grad_out = sample(out_shape, x.dtype, native_device, seed=5)
-        grad_x = sample(x.shape, x.dtype, native_device, seed=6)
+        grad_out = sample(out_shape, x.dtype, device, seed=5)
+        grad_x = sample(x.shape, x.dtype, device, seed=6)
         if x.dtype.itemsize >= 4:
             grad_out.requires_grad_(True)
             grad_x.requires_grad_(True)
-        torch.library.opcheck(
-            torch.ops.crelu_ext.crelu_backward.default, (grad_out, mask, dim, memory_format)
-        )
-        torch.library.opcheck(
-            torch.ops.crelu_ext.crelu_backward_backward.default,
-            (grad_x, mask, dim, memory_format),
-        )
+        check("crelu_backward", (grad_out, mask, dim, memory_format))
+        check("crelu_backward_backward", (grad_x, mask, dim, memory_format))

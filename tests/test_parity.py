@@ -3,7 +3,7 @@ shapes x dtypes x layouts x every dim, with special values."""
 
 import pytest
 import torch
-from helpers import LAYOUTS, assert_bitwise_equal, crelu_and_grad, make_input
+from helpers import LAYOUTS, assert_bitwise_equal, crelu_and_grad, make_input, skip_unsupported
 
 import crelu_ext
 
@@ -34,6 +34,7 @@ SHAPE_LAYOUTS = [
 @pytest.mark.parametrize(("shape", "layout"), SHAPE_LAYOUTS)
 def test_forward_and_backward_match_reference(backend_device, shape, layout, dtype):
     backend, device = backend_device
+    skip_unsupported(backend, device, dtype)
     x = LAYOUTS[layout](make_input(shape, dtype, device))
     for dim in range(-x.dim(), x.dim()):
         expected = torch.cat([torch.relu(x), torch.relu(-x)], dim)
@@ -51,6 +52,7 @@ def test_forward_and_backward_match_reference(backend_device, shape, layout, dty
 def test_large_rows_take_the_vector_path(backend_device, dtype):
     # Enough elements for several parallel tasks and both vector and tail paths.
     backend, device = backend_device
+    skip_unsupported(backend, device, dtype)
     x = make_input((3, 96, 17, 19), dtype, device, seed=3).to(memory_format=torch.channels_last)
     grad = make_input((3, 192, 17, 19), dtype, device, seed=4)
     expected, expected_grad = crelu_and_grad(x, 1, grad, "reference")
@@ -82,6 +84,8 @@ def test_outputs_large_enough_for_streaming_stores(backend_device, dtype):
     # memory is already mapped, which a repeated allocation of one size makes
     # likely; each run must give the reference's bits.
     backend, device = backend_device
+    if (backend, device) == ("triton", "cpu"):
+        pytest.skip("12M elements take minutes in Triton's interpreter")
     x = make_input((2, 3, 1000, 1001), dtype, device, seed=9)
     grad = make_input((2, 6, 1000, 1001), dtype, device, seed=10)
     expected, expected_grad = crelu_and_grad(x, 1, grad, "reference")
