@@ -7,7 +7,7 @@ JOBS ?= 2
 CMAKE_BUILD ?= build/cmake
 SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h') setup.py
 
-.PHONY: test bench build cmake-test lint format clean
+.PHONY: test bench build cmake-test lint format gpu-check clean
 
 $(VENV)/.installed: requirements-dev.txt
 	python3 -m venv $(VENV)
@@ -32,6 +32,11 @@ test: build/.built
 # The benchmark, on the GPU if there is one, else the CPU.
 bench: build/.built
 	$(PYTHON) -m crelu_ext bench
+
+# On a GPU machine with torch installed (no venv, no network): build, all
+# tests on CUDA, compute-sanitizer, benchmarks, a summary; see the script.
+gpu-check:
+	bash benchmarks/gpu_check.sh
 
 # The same csrc/ built by CMake as a libtorch op library, and its C++ test.
 cmake-test: $(VENV)/.installed
