@@ -1,0 +1,45 @@
+"""The benchmark runs end to end as a user would start it, on tiny shapes."""
+
+import csv
+
+import pytest
+
+import crelu_ext
+from crelu_ext import bench
+
+
+def test_bench_writes_results_and_plot(tmp_path, capsys):
+    providers = ",".join([*crelu_ext.available_backends("cpu")[:-1], "eager"])
+    bench.main(
+        ["--device", "cpu", "--reps", "3", "--providers", providers, "--allocator", "system",
+         "--shape", "2,8,4,4", "--shape", "1,64,2,3:channels_last", "--out", str(tmp_path)]
+    )  # fmt: skip
+    table = capsys.readouterr().out
+    assert "forward+backward" in table and "eager" in table
+    with (tmp_path / "bench_cpu.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2 * 3 * len(providers.split(","))  # shapes x directions x providers
+    assert {row["direction"] for row in rows} == set(bench.DIRECTIONS)
+    for row in rows:
+        assert float(row["median_ms"]) > 0 and float(row["gbps"]) > 0
+        assert row["command"].startswith("python -m crelu_ext bench")
+    eager = next(row for row in rows if row["provider"] == "eager")
+    assert float(eager["saved_bytes_per_element"]) >= 8  # two float32 relu outputs
+    if "native" in providers:
+        native = next(row for row in rows if row["provider"] == "native")
+        assert float(native["saved_bytes_per_element"]) <= 0.5  # the 2-bit mask, padded
+
+
+def test_plot_covers_the_sweep(tmp_path):
+    pytest.importorskip("matplotlib")
+    rows = [
+        {"case": "sweep 1", "layout": "contiguous", "dtype": "float32", "allocator": "reuse",
+         "direction": direction, "provider": provider, "input_bytes": size, "gbps": gbps,
+         "copy_gbps": 10.0}
+        for direction in bench.DIRECTIONS
+        for provider, gbps in [("native", 8.0), ("eager", 2.0)]
+        for size in (1024, 4096)
+    ]  # fmt: skip
+    context = {"device": "test", "torch": "x", "date": "2026-11-28T00:00:00"}
+    assert bench.plot_bandwidth(rows, context, tmp_path / "plot.png")
+    assert (tmp_path / "plot.png").stat().st_size > 10_000
