@@ -4,10 +4,12 @@ side (fake kernels and the Triton backend). See csrc/crelu.h for the plan."""
 import math
 
 import torch
-from torch._prims_common import (
-    compute_elementwise_output_strides,
-    is_non_overlapping_and_dense_or_false,
-)
+from torch._prims_common import compute_elementwise_output_strides
+
+try:
+    from torch._prims_common import is_non_overlapping_and_dense_or_false as _is_dense
+except ImportError:  # torch before 2.13 (the GPU machines have 2.11)
+    from torch._prims_common import is_non_overlapping_and_dense as _is_dense
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 MASK_BLOCK = 32  # elements per mask block
@@ -64,7 +66,7 @@ def output_memory_format(x: torch.Tensor) -> torch.memory_format:
     tensor in x's stride order."""
     if x.dim() not in (4, 5):
         return torch.contiguous_format
-    dense = is_non_overlapping_and_dense_or_false(x)
+    dense = _is_dense(x)
     strides = x.stride() if dense else compute_elementwise_output_strides(x)
     if x.dim() == 4 and _is_channels_last_strides(x.shape, strides, (1, 3, 2, 0)):
         return torch.channels_last
