@@ -98,6 +98,9 @@ void check_mask(const at::Tensor& mask, const at::Tensor& like, int64_t numel,
   TORCH_CHECK(mask.device() == like.device(), "crelu_ext.", op,
               ": the mask is on ", mask.device(), " but the gradient is on ",
               like.device());
+  // The CPU kernels read it as uint32 words.
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(mask.const_data_ptr()) % 4 == 0,
+              "crelu_ext.", op, ": the mask must start on a 4-byte boundary");
 }
 
 std::vector<int64_t> with_dim_scaled(at::IntArrayRef sizes, int64_t dim,

@@ -48,6 +48,9 @@ def test_the_native_op_checks_its_own_inputs():
         ops.crelu_backward(torch.ones(4, 127), mask, 1, torch.contiguous_format)
     with pytest.raises(RuntimeError, match=r"crelu_ext\.crelu_backward: memory_format"):
         ops.crelu_backward(torch.ones(4, 128), mask, 1, torch.channels_last)
+    misaligned = torch.empty(mask.numel() + 1, dtype=torch.uint8)[1:]
+    with pytest.raises(RuntimeError, match=r"crelu_ext\.crelu_backward: the mask must start on"):
+        ops.crelu_backward(torch.ones(4, 128), misaligned, 1, torch.contiguous_format)
     with pytest.raises(RuntimeError, match=r"crelu_ext\.crelu_backward_backward: expected the"):
         ops.crelu_backward_backward(torch.ones(4, 65), mask, 1, torch.contiguous_format)
 
