@@ -32,7 +32,7 @@ step build env MAX_JOBS="$(nproc)" CRELU_EXT_CUDA=1 "$PYTHON" -m pip install --n
   printf '%s\n' "${status[@]}"
   exit 1
 }
-step tests env CRELU_EXT_REQUIRE_NATIVE=1 "$PYTHON" -m pytest tests -q -x -p no:cacheprovider
+step tests env CRELU_EXT_REQUIRE_NATIVE=1 "$PYTHON" -m pytest tests -q -x -m "not large" -p no:cacheprovider
 step tests-large "$PYTHON" -m pytest tests/test_cuda.py -q -m large -p no:cacheprovider
 for tool in memcheck racecheck; do
   step "sanitizer-$tool" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
