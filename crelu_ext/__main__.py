@@ -1,8 +1,8 @@
-"""``python -m crelu_ext <command>``; commands: bench."""
+"""``python -m crelu_ext <command>``; commands: bench, train."""
 
 import sys
 
-COMMANDS = {"bench": "crelu_ext.bench"}
+COMMANDS = {"bench": "crelu_ext.bench", "train": "crelu_ext.train"}
 
 
 def main() -> None:
