@@ -1,8 +1,12 @@
-"""``python -m crelu_ext <command>``; commands: bench, train."""
+"""``python -m crelu_ext <command>``; commands: bench, train, analyze."""
 
 import sys
 
-COMMANDS = {"bench": "crelu_ext.bench", "train": "crelu_ext.train"}
+COMMANDS = {
+    "bench": "crelu_ext.bench",
+    "train": "crelu_ext.train",
+    "analyze": "crelu_ext.analysis",
+}
 
 
 def main() -> None:
