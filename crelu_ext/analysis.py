@@ -19,6 +19,7 @@ train one.
 """
 
 import argparse
+import copy
 import json
 import math
 from argparse import Namespace
@@ -74,8 +75,10 @@ def random_pairing_cosines(shape: tuple[int, ...] | torch.Size, seed: int = 0) -
 
 
 def named_convolutions(model: nn.Module) -> list[tuple[str, nn.Conv2d]]:
-    """The model's Conv2d layers in registration (for nn.Sequential: forward) order."""
-    return [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    """The model's Conv2d layers in registration (for nn.Sequential: forward) order, named
+    as the paper numbers them: ``conv1 [0]`` is conv1, module ``0``."""
+    convs = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    return [(f"conv{i} [{name}]", m) for i, (name, m) in enumerate(convs, start=1)]
 
 
 @dataclass
@@ -87,14 +90,20 @@ class PairingStats:
     learned_std: float
     random_mean: float
     random_std: float
+    # The same layer at the network's initialization, when known: learned filters that
+    # barely moved from their Gaussian start pair like random ones whatever the activation.
+    init_mean: float | None = None
+    change_from_init: float | None = None  # ||W - W0|| / ||W0||
 
 
 def pairing_report(
-    model: nn.Module, seed: int = 0
+    model: nn.Module, seed: int = 0, initial: nn.Module | None = None
 ) -> tuple[list[PairingStats], dict[str, tuple[torch.Tensor, torch.Tensor]]]:
     """Per conv layer: mean and std of mu^w (learned) and mu^r (Gaussian, pooled over
-    :data:`RANDOM_DRAWS` draws), and the raw cosines for the histograms."""
+    :data:`RANDOM_DRAWS` draws), and the raw cosines for the histograms; with ``initial``
+    (the model before training) also mu at initialization and how far the weights moved."""
     stats, cosines = [], {}
+    initial_convs = dict(named_convolutions(initial)) if initial is not None else {}
     for name, conv in named_convolutions(model):
         if conv.weight.shape[0] < 2:
             continue
@@ -114,6 +123,11 @@ def pairing_report(
                 random.std().item(),
             )
         )
+        if name in initial_convs:
+            start = initial_convs[name].weight.detach()
+            stats[-1].init_mean = pairing_cosines(start).mean().item()
+            change = (conv.weight.detach() - start).norm() / start.norm()
+            stats[-1].change_from_init = change.item()
     return stats, cosines
 
 
@@ -399,15 +413,27 @@ def reconstruct_through_stack(
     """Figure 5: inverts conv+activation layers top-down. Each layer's solve gives an
     estimate of the layer below's features, which is inverted the same way (for CReLU, its
     pos - neg is that layer's pre-activation). ``input_size`` is the image's size."""
+    return _invert_stack(stack, features, input_size, activation, max_iter)[0]
+
+
+def _invert_stack(
+    stack: list[nn.Conv2d],
+    features: torch.Tensor,
+    input_size: tuple[int, int],
+    activation: Activation,
+    max_iter: int,
+) -> tuple[torch.Tensor, list[SolveInfo]]:
+    """:func:`reconstruct_through_stack`, also returning each solve's info, top layer first."""
     sizes = [input_size]
     for conv in stack[:-1]:  # spatial size entering each conv
         _, _, size = _conv_operator(conv, sizes[-1], torch.float64)
         sizes.append(size)
-    x = features
+    x, infos = features, []
     for conv, size in zip(reversed(stack), reversed(sizes), strict=True):
         z = _preactivation(conv, x, activation)
-        x, _ = least_squares_conv(conv, z, size, max_iter=max_iter)
-    return x
+        x, info = least_squares_conv(conv, z, size, max_iter=max_iter)
+        infos.append(info)
+    return x, infos
 
 
 def relative_error(estimate: torch.Tensor, target: torch.Tensor) -> float:
@@ -438,6 +464,7 @@ class ReconstructionResult:
     depth: int  # features of conv1..conv{depth}
     activation: str
     relative_error: float
+    solves: list[SolveInfo]  # CG per layer, top layer first
 
 
 def reconstruction_by_depth(
@@ -447,10 +474,11 @@ def reconstruction_by_depth(
     features = stack_features(stack, activation, image)
     results, images = [], []
     for depth in tqdm(range(1, len(stack) + 1), desc=f"reconstruct ({activation})"):
-        estimate = reconstruct_through_stack(
+        estimate, solves = _invert_stack(
             stack[:depth], features[depth - 1], tuple(image.shape[-2:]), activation, max_iter
         )
-        results.append(ReconstructionResult(depth, activation, relative_error(estimate, image)))
+        error = relative_error(estimate, image)
+        results.append(ReconstructionResult(depth, activation, error, solves))
         images.append(estimate)
     return results, images
 
@@ -538,12 +566,13 @@ def pair_correlations(next_conv_weight: torch.Tensor, absolute: bool = False) ->
 def crelu_successors(model: nn.Module) -> list[tuple[str, str, nn.Conv2d]]:
     """(conv, next conv, next conv module) for each conv followed by a CReLU over channels;
     layers in between (pooling, dropout) act per channel and keep the pairing."""
+    convs = {id(m): name for name, m in named_convolutions(model)}
     found, previous, pending = [], None, None
-    for name, module in model.named_modules():
+    for module in model.modules():
         if isinstance(module, nn.Conv2d):
-            if pending is not None and module.in_channels == 2 * pending[1].out_channels:
-                found.append((pending[0], name, module))
-            pending, previous = None, (name, module)
+            if pending is not None and module.in_channels == 2 * pending.out_channels:
+                found.append((convs[id(pending)], convs[id(module)], module))
+            pending, previous = None, module
         elif isinstance(module, CReLU) and module.dim in (1, -3) and previous is not None:
             pending = previous
     return found
@@ -552,8 +581,10 @@ def crelu_successors(model: nn.Module) -> list[tuple[str, str, nn.Conv2d]]:
 # --- Loading a model, the report, the command --------------------------------------------
 
 
-def load_model(checkpoint: Path) -> tuple[nn.Module, dict[str, Any]]:
-    """The model a ``python -m crelu_ext train --checkpoint`` run saved, and its metrics."""
+def load_model(checkpoint: Path) -> tuple[nn.Module, nn.Module, dict[str, Any]]:
+    """The model a ``python -m crelu_ext train --checkpoint`` run saved, the same model at
+    its initialization (train seeds torch with --seed right before building it), and the
+    run's metrics."""
     from .models import MODELS
     from .train import model_options
 
@@ -567,11 +598,14 @@ def load_model(checkpoint: Path) -> tuple[nn.Module, dict[str, Any]]:
     if config["model"] == "convpool_cnn_c":
         first_conv = next(w for w in weights.values() if w.dim() == 4)
         options["in_channels"] = first_conv.shape[1]
-    model = MODELS[config["model"]](
-        num_classes=NUM_CLASSES[config["dataset"]], backend="reference", **options
-    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config["seed"])
+        initial = MODELS[config["model"]](
+            num_classes=NUM_CLASSES[config["dataset"]], backend="reference", **options
+        )
+    model = copy.deepcopy(initial)
     model.load_state_dict(weights)
-    return model.eval(), state["metrics"]
+    return model.eval(), initial.eval(), state["metrics"]
 
 
 def analyze(
@@ -581,11 +615,13 @@ def analyze(
     max_iter: int = 300,
     seed: int = 0,
     title: str = "",
+    initial: nn.Module | None = None,
 ) -> dict[str, Any]:
     """Writes pairing.png, reconstruction.png and analysis.json into ``out``; returns the
-    numbers (see :func:`write_report` for the markdown)."""
+    numbers (see :func:`write_report` for the markdown). ``initial``: the model before
+    training, for the pairing table."""
     out.mkdir(parents=True, exist_ok=True)
-    stats, cosines = pairing_report(model, seed)
+    stats, cosines = pairing_report(model, seed, initial)
     plot_pairing_histograms(cosines, out / "pairing.png", title)
 
     stack, activation = invertible_stack(model)
@@ -637,14 +673,17 @@ def write_report(numbers: dict[str, Any], path: Path, heading: str) -> None:
         "mu_i = min_j <phi_i, phi_j> over unit-norm filters; random: Gaussian filters of the "
         f"same shape, {RANDOM_DRAWS} draws pooled. ![pairing](pairing.png)",
         "",
-        "| layer | K | filter dim | mu^w (learned) | mu^r (random) |",
-        "|---|---|---|---|---|",
+        "| layer | K | filter dim | mu^w (learned) | mu^r (random) | mu at init "
+        "| \\|W - W0\\| / \\|W0\\| |",
+        "|---|---|---|---|---|---|---|",
     ]
     for s in numbers["pairing"]:
+        init = "n/a" if s["init_mean"] is None else f"{s['init_mean']:.3f}"
+        change = "n/a" if s["change_from_init"] is None else f"{s['change_from_init']:.2f}"
         lines.append(
             f"| {s['layer']} | {s['filters']} | {s['filter_dim']} | "
             f"{s['learned_mean']:.3f} ± {s['learned_std']:.3f} | "
-            f"{s['random_mean']:.3f} ± {s['random_std']:.3f} |"
+            f"{s['random_mean']:.3f} ± {s['random_std']:.3f} | {init} | {change} |"
         )
     recon = numbers["reconstruction"]
     lines += ["", "## Reconstruction (Proposition 2.1, Algorithm 1, Figure 5)", ""]
@@ -723,13 +762,15 @@ def main(argv: list[str] | None = None) -> None:
             ]
         )
     try:
-        model, metrics = load_model(checkpoint)
+        model, initial, metrics = load_model(checkpoint)
         config = metrics["config"]
         heading = (
             f"{config['model']} {config.get('activation') or ''} width {config.get('width')}, "
             f"{config['dataset']}: test accuracy {metrics['epochs'][-1]['test_accuracy']:.4f}"
         )
-        numbers = analyze(model, args.out, args.image_size, args.max_iter, args.seed, heading)
+        numbers = analyze(
+            model, args.out, args.image_size, args.max_iter, args.seed, heading, initial
+        )
     except ValueError as error:
         parser.error(str(error))
     write_report(numbers, args.out / "report.md", heading)

@@ -134,7 +134,11 @@ def test_crelu_successors_skip_pooling():
 
     model = convpool_cnn_c(in_channels=1, activation="crelu", width=0.05)
     pairs = analysis.crelu_successors(model)
-    assert [(a, b) for a, b, _ in pairs][:4] == [("0", "2"), ("2", "4"), ("4", "8"), ("8", "10")]
+    assert [(a, b) for a, b, _ in pairs][:3] == [
+        ("conv1 [0]", "conv2 [2]"),
+        ("conv2 [2]", "conv3 [4]"),
+        ("conv3 [4]", "conv4 [8]"),
+    ]
     assert len(pairs) == 8  # conv1-8 are followed by CReLU; conv9 is the classifier
 
 
