@@ -494,7 +494,7 @@ def plot_reconstructions(
 
     columns = 1 + max(len(panels) for panels in rows.values())
     figure, axes = plt.subplots(
-        len(rows), columns, figsize=(2.2 * columns, 2.4 * len(rows)), squeeze=False
+        len(rows), columns, figsize=(2.2 * columns, 2.8 * len(rows)), squeeze=False
     )
     for row, (label, panels) in zip(axes, rows.items(), strict=True):
         row[0].imshow(_displayable(image, image), cmap="gray", vmin=0, vmax=1)
@@ -691,10 +691,13 @@ def write_report(numbers: dict[str, Any], path: Path, heading: str) -> None:
         f"Image: {recon['image']}. Linear least squares (CG on the normal equations), no "
         "learning; relative error ||x_hat - x|| / ||x||. ![reconstruction](reconstruction.png)",
         "",
-        f"| features ({recon['activation']}) of | relative error |",
-        "|---|---|",
+        f"| {recon['activation']} features of | relative error | CG iterations / "
+        "normal-equation residual, per layer from the top |",
+        "|---|---|---|",
     ]
-    lines += [f"| conv1..conv{r['depth']} | {r['relative_error']:.4g} |" for r in recon["by_depth"]]
+    for r in recon["by_depth"]:
+        solves = ", ".join(f"{s['iterations']} / {s['relative_residual']:.1e}" for s in r["solves"])
+        lines.append(f"| conv{r['depth']} | {r['relative_error']:.4g} | {solves} |")
     lines += [
         "",
         "Same conv1 filters, two feature types: CReLU "
