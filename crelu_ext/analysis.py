@@ -38,6 +38,9 @@ NUM_CLASSES = {"digits": 10, "cifar10": 10, "cifar100": 100}
 # Random draws pooled for the Gaussian baseline: one draw of K=24 filters gives a ragged
 # histogram and a mean that moves by ~0.05 between seeds; 20 draws pin it to ~0.01.
 RANDOM_DRAWS = 20
+# method="lstsq" materializes A: (outputs x unknowns) float64; 4096 unknowns against ~4x
+# as many outputs is ~0.5 GB.
+LSTSQ_MAX_UNKNOWNS = 4096
 
 
 # --- Pairing (Section 2.1) -------------------------------------------------------------
@@ -274,6 +277,11 @@ def least_squares_conv(
     shape = (conv.in_channels, *input_size)
     if method == "lstsq":
         size = math.prod(shape)
+        if size > LSTSQ_MAX_UNKNOWNS:
+            raise ValueError(
+                f"method='lstsq' builds a dense matrix with {size} columns (limit "
+                f"{LSTSQ_MAX_UNKNOWNS}); use method='cg' for inputs this large"
+            )
         basis = torch.eye(size, dtype=target.dtype).view(size, *shape)
         matrix = forward(basis).flatten(1).T  # column i: the conv of basis vector i
         solution = torch.linalg.lstsq(matrix, target.flatten(1).T, driver="gelsd").solution
@@ -282,28 +290,24 @@ def least_squares_conv(
     if method != "cg":
         raise ValueError(f"method must be 'cg' or 'lstsq', got {method!r}")
 
+    # CGLS: CG on A^T A x = A^T b, one independent solve per sample (per-sample scalars).
     x = torch.zeros(target.shape[0], *shape, dtype=target.dtype)
-    residual = target.clone()
-    gradient = adjoint(residual)
+    residual = target.clone()  # b - A x
+    gradient = adjoint(residual)  # A^T (b - A x)
     direction = gradient.clone()
     gamma = _per_sample(gradient)
     stop = tol**2 * gamma
-    tiny = torch.finfo(target.dtype).tiny
+    tiny = torch.finfo(target.dtype).tiny  # a converged sample has gamma = 0: a zero step
     iterations = 0
-    for iterations in range(1, max_iter + 1):
-        if bool((gamma <= stop).all()):
-            iterations -= 1
-            break
+    while iterations < max_iter and not bool((gamma <= stop).all()):
+        iterations += 1
         image = forward(direction)
-        # A converged sample has gamma = 0 and takes a zero step.
         alpha = gamma / _per_sample(image).clamp_min(tiny)
         x += alpha * direction
         residual -= alpha * image
         gradient = adjoint(residual)
         new_gamma = _per_sample(gradient)
-        direction = (
-            gradient + new_gamma / gamma.clamp_min(torch.finfo(target.dtype).tiny) * direction
-        )
+        direction = gradient + new_gamma / gamma.clamp_min(tiny) * direction
         gamma = new_gamma
     return x, SolveInfo(iterations, _normal_residual(forward, adjoint, x, target))
 
@@ -320,20 +324,13 @@ def reconstruct_from_crelu(
     input_size: tuple[int, int] | None = None,
     method: Literal["cg", "lstsq"] = "cg",
     max_iter: int = 500,
-    activation: Activation = "crelu",
 ) -> torch.Tensor:
     """Algorithm 1: the input x' (the part spanned by the filters' shifts) from
-    ``features = cat([relu(z), relu(-z)], 1)``, z = conv(x); no learning involved.
+    ``features = cat([relu(z), relu(-z)], 1)``, z = conv(x); no learning involved. Exact
+    (to solver precision) when the conv is injective, e.g. its filters span the patches.
 
-    ``input_size`` defaults to the size a stride-1 conv maps onto the features' size.
-    ``activation="relu"`` runs the same solve on ReLU features (z_hat = relu(z)): the
-    comparison the paper's argument rests on; it cannot be exact."""
-    _check_conv(conv)
-    z = _preactivation(conv, features, activation)
-    if input_size is None:
-        input_size = _stride1_input_size(conv, tuple(z.shape[-2:]))
-    x, _ = least_squares_conv(conv, z, input_size, method=method, max_iter=max_iter)
-    return x
+    ``input_size`` defaults to the size a stride-1 conv maps onto the features' size."""
+    return _reconstruct(conv, features, "crelu", input_size, method, max_iter)
 
 
 def reconstruct_from_relu(
@@ -343,8 +340,25 @@ def reconstruct_from_relu(
     method: Literal["cg", "lstsq"] = "cg",
     max_iter: int = 500,
 ) -> torch.Tensor:
-    """:func:`reconstruct_from_crelu` for ReLU features ``relu(z)``."""
-    return reconstruct_from_crelu(conv, features, input_size, method, max_iter, "relu")
+    """The same solve on ReLU features ``relu(z)``, taking z_hat = relu(z): the comparison
+    the paper's argument rests on. z is lost where negative, so it cannot be exact."""
+    return _reconstruct(conv, features, "relu", input_size, method, max_iter)
+
+
+def _reconstruct(
+    conv: nn.Conv2d,
+    features: torch.Tensor,
+    activation: Activation,
+    input_size: tuple[int, int] | None,
+    method: Literal["cg", "lstsq"],
+    max_iter: int,
+) -> torch.Tensor:
+    _check_conv(conv)
+    z = _preactivation(conv, features, activation)
+    if input_size is None:
+        input_size = _stride1_input_size(conv, tuple(z.shape[-2:]))
+    x, _ = least_squares_conv(conv, z, input_size, method=method, max_iter=max_iter)
+    return x
 
 
 def _stride1_input_size(conv: nn.Conv2d, output_size: tuple[int, int]) -> tuple[int, int]:
@@ -617,14 +631,39 @@ def analyze(
     title: str = "",
     initial: nn.Module | None = None,
 ) -> dict[str, Any]:
-    """Writes pairing.png, reconstruction.png and analysis.json into ``out``; returns the
-    numbers (see :func:`write_report` for the markdown). ``initial``: the model before
-    training, for the pairing table."""
+    """Writes pairing.png, reconstruction.png (when the model starts with conv ->
+    ReLU/CReLU layers) and analysis.json into ``out``; returns the numbers (see
+    :func:`write_report` for the markdown). ``initial``: the model before training, for the
+    pairing table."""
     out.mkdir(parents=True, exist_ok=True)
     stats, cosines = pairing_report(model, seed, initial)
     plot_pairing_histograms(cosines, out / "pairing.png", title)
 
-    stack, activation = invertible_stack(model)
+    try:
+        stack, activation = invertible_stack(model)
+    except ValueError:
+        reconstruction = None  # e.g. AVR, or batch norm between conv and activation
+    else:
+        reconstruction = _reconstruction_figure(stack, activation, image_size, max_iter, out)
+    correlations = {
+        f"{name} -> {next_name}": asdict(pair_correlations(conv.weight))
+        | {"abs_" + k: v for k, v in asdict(pair_correlations(conv.weight, True)).items()}
+        for name, next_name, conv in crelu_successors(model)
+    }
+    numbers = {
+        "pairing": [asdict(s) for s in stats],
+        "reconstruction": reconstruction,
+        "pair_correlations": correlations,
+    }
+    (out / "analysis.json").write_text(json.dumps(numbers, indent=1) + "\n")
+    return numbers
+
+
+def _reconstruction_figure(
+    stack: list[nn.Conv2d], activation: Activation, image_size: int, max_iter: int, out: Path
+) -> dict[str, Any]:
+    """reconstruction.png: the photograph from the stack's features, and conv1 alone read
+    through CReLU and through ReLU; returns the errors."""
     image = sample_photograph(image_size, stack[0].in_channels)
     results, images = reconstruction_by_depth(stack, activation, image, max_iter)
     first_conv_output = stack_features(stack[:1], "crelu", image)[0]
@@ -647,24 +686,13 @@ def analyze(
     }
     plot_reconstructions(image, rows, out / "reconstruction.png")
 
-    correlations = {
-        f"{name} -> {next_name}": asdict(pair_correlations(conv.weight))
-        | {"abs_" + k: v for k, v in asdict(pair_correlations(conv.weight, True)).items()}
-        for name, next_name, conv in crelu_successors(model)
+    return {
+        "activation": activation,
+        "image": f"china.jpg, {image_size}x{image_size}, {image.shape[1]} channel(s)",
+        "by_depth": [asdict(r) for r in results],
+        "conv1_crelu_features": relative_error(conv1_crelu, image),
+        "conv1_relu_features": relative_error(conv1_relu, image),
     }
-    numbers = {
-        "pairing": [asdict(s) for s in stats],
-        "reconstruction": {
-            "activation": activation,
-            "image": f"china.jpg, {image_size}x{image_size}, {image.shape[1]} channel(s)",
-            "by_depth": [asdict(r) for r in results],
-            "conv1_crelu_features": relative_error(conv1_crelu, image),
-            "conv1_relu_features": relative_error(conv1_relu, image),
-        },
-        "pair_correlations": correlations,
-    }
-    (out / "analysis.json").write_text(json.dumps(numbers, indent=1) + "\n")
-    return numbers
 
 
 def write_report(numbers: dict[str, Any], path: Path, heading: str) -> None:
@@ -685,24 +713,12 @@ def write_report(numbers: dict[str, Any], path: Path, heading: str) -> None:
             f"{s['learned_mean']:.3f} ± {s['learned_std']:.3f} | "
             f"{s['random_mean']:.3f} ± {s['random_std']:.3f} | {init} | {change} |"
         )
-    recon = numbers["reconstruction"]
     lines += ["", "## Reconstruction (Proposition 2.1, Algorithm 1, Figure 5)", ""]
-    lines += [
-        f"Image: {recon['image']}. Linear least squares (CG on the normal equations), no "
-        "learning; relative error ||x_hat - x|| / ||x||. ![reconstruction](reconstruction.png)",
-        "",
-        f"| {recon['activation']} features of | relative error | CG iterations / "
-        "normal-equation residual, per layer from the top |",
-        "|---|---|---|",
-    ]
-    for r in recon["by_depth"]:
-        solves = ", ".join(f"{s['iterations']} / {s['relative_residual']:.1e}" for s in r["solves"])
-        lines.append(f"| conv{r['depth']} | {r['relative_error']:.4g} | {solves} |")
-    lines += [
-        "",
-        "Same conv1 filters, two feature types: CReLU "
-        f"{recon['conv1_crelu_features']:.4g}, ReLU {recon['conv1_relu_features']:.4g}.",
-    ]
+    recon = numbers["reconstruction"]
+    if recon is None:
+        lines.append("Skipped: the model does not start with conv -> ReLU/CReLU layers.")
+    else:
+        lines += _reconstruction_lines(recon)
     if numbers["pair_correlations"]:
         lines += ["", "## Pair correlations (Table 6)", ""]
         lines += [
@@ -719,6 +735,26 @@ def write_report(numbers: dict[str, Any], path: Path, heading: str) -> None:
                 f"{c['abs_non_pair_mean']:.3f} ± {c['abs_non_pair_std']:.3f} |"
             )
     path.write_text("\n".join(lines) + "\n")
+
+
+def _reconstruction_lines(recon: dict[str, Any]) -> list[str]:
+    lines = [
+        f"Image: {recon['image']}. Linear least squares (CG on the normal equations), no "
+        "learning; relative error ||x_hat - x|| / ||x||. ![reconstruction](reconstruction.png)",
+        "",
+        f"| {recon['activation']} features of | relative error | CG iterations / "
+        "normal-equation residual, per layer from the top |",
+        "|---|---|---|",
+    ]
+    for r in recon["by_depth"]:
+        solves = ", ".join(f"{s['iterations']} / {s['relative_residual']:.1e}" for s in r["solves"])
+        lines.append(f"| conv{r['depth']} | {r['relative_error']:.4g} | {solves} |")
+    lines += [
+        "",
+        "Same conv1 filters, two feature types: CReLU "
+        f"{recon['conv1_crelu_features']:.4g}, ReLU {recon['conv1_relu_features']:.4g}.",
+    ]
+    return lines
 
 
 def build_parser() -> argparse.ArgumentParser:

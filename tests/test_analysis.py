@@ -167,3 +167,19 @@ def test_cli_end_to_end(tmp_path):
 def test_cli_needs_a_checkpoint_or_budget(tmp_path):
     with pytest.raises(SystemExit):
         analysis.main(["--out", str(tmp_path)])
+
+
+def test_lstsq_refuses_large_problems():
+    conv = nn.Conv2d(1, 4, 3, padding=1).double()
+    with pytest.raises(ValueError, match="use method='cg'"):
+        analysis.reconstruct_from_crelu(conv, torch.zeros(1, 8, 70, 70).double(), method="lstsq")
+
+
+def test_analyze_without_invertible_layers_still_reports_pairing(tmp_path):
+    # Batch norm between conv and activation (as in the VGG): no Algorithm 1, pairing only.
+    model = nn.Sequential(nn.Conv2d(1, 6, 3), nn.BatchNorm2d(6), nn.ReLU(), nn.Conv2d(6, 4, 1))
+    numbers = analysis.analyze(model, tmp_path, image_size=16)
+    assert numbers["reconstruction"] is None
+    assert [s["layer"] for s in numbers["pairing"]] == ["conv1 [0]", "conv2 [3]"]
+    analysis.write_report(numbers, tmp_path / "report.md", "no stack")
+    assert "Skipped" in (tmp_path / "report.md").read_text()
