@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from .models import ACTIVATIONS, MODELS
 from .nn import CReLU
 
 NUM_CLASSES = {"digits": 10, "cifar10": 10, "cifar100": 100}
@@ -599,7 +600,6 @@ def load_model(checkpoint: Path) -> tuple[nn.Module, nn.Module, dict[str, Any]]:
     """The model a ``python -m crelu_ext train --checkpoint`` run saved, the same model at
     its initialization (train seeds torch with --seed right before building it), and the
     run's metrics."""
-    from .models import MODELS
     from .train import model_options
 
     try:
@@ -766,9 +766,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, required=True, help="folder for figures and report")
     parser.add_argument("--checkpoint", type=Path, help="a `python -m crelu_ext train` checkpoint")
     train = parser.add_argument_group("training first (without --checkpoint)")
-    train.add_argument("--model", default="convpool_cnn_c")
-    train.add_argument("--activation", default="crelu")
-    train.add_argument("--width", type=float, default=0.25)
+    train.add_argument("--model", choices=list(MODELS), default="convpool_cnn_c")
+    train.add_argument("--activation", choices=ACTIVATIONS, default="crelu", help="convpool_cnn_c")
+    train.add_argument("--width", type=float, default=0.25, help="convpool_cnn_c")
     budget = train.add_mutually_exclusive_group()
     budget.add_argument("--epochs", type=int)
     budget.add_argument("--steps", type=int)
@@ -784,28 +784,31 @@ def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
     checkpoint = args.checkpoint
+    has_budget = args.epochs is not None or args.steps is not None
+    if (checkpoint is not None) == has_budget:
+        parser.error("give either --checkpoint or a training budget (--epochs or --steps)")
     if checkpoint is None:
-        if args.epochs is None and args.steps is None:
-            parser.error("give --checkpoint, or a training budget (--epochs or --steps)")
         from . import train
 
         checkpoint = args.out / "checkpoint.pt"
         budget = ["--epochs", str(args.epochs)] if args.epochs else ["--steps", str(args.steps)]
+        shape = ["--activation", args.activation, "--width", str(args.width)]
         train.main(
             [
-                *("--model", args.model, "--activation", args.activation),
-                *("--width", str(args.width), "--lr", str(args.lr)),
-                *("--batch-size", str(args.batch_size), "--seed", str(args.seed), *budget),
-                *("--checkpoint", str(checkpoint)),
+                *("--model", args.model, *(shape if args.model == "convpool_cnn_c" else [])),
+                *("--lr", str(args.lr), "--batch-size", str(args.batch_size)),
+                *("--seed", str(args.seed), *budget, "--checkpoint", str(checkpoint)),
                 *("--metrics-out", str(args.out / "train_metrics.json")),
             ]
         )
     try:
         model, initial, metrics = load_model(checkpoint)
         config = metrics["config"]
+        options = [f"{key} {config.get(key)}" for key in ("activation", "width", "crelu", "halve", "seed")]
+        options = [option for option in options if not option.endswith(" None")]
         heading = (
-            f"{config['model']} {config.get('activation') or ''} width {config.get('width')}, "
-            f"{config['dataset']}: test accuracy {metrics['epochs'][-1]['test_accuracy']:.4f}"
+            f"{config['model']} {', '.join(options)}; {config['dataset']}: test accuracy "
+            f"{metrics['epochs'][-1]['test_accuracy']:.4f}"
         )
         numbers = analyze(
             model, args.out, args.image_size, args.max_iter, args.seed, heading, initial

@@ -164,9 +164,11 @@ def test_cli_end_to_end(tmp_path):
     assert "Pair correlations" in (again / "report.md").read_text()
 
 
-def test_cli_needs_a_checkpoint_or_budget(tmp_path):
+def test_cli_needs_a_checkpoint_or_a_budget_not_both(tmp_path):
     with pytest.raises(SystemExit):
         analysis.main(["--out", str(tmp_path)])
+    with pytest.raises(SystemExit):
+        analysis.main(["--out", str(tmp_path), "--checkpoint", "x.pt", "--epochs", "1"])
 
 
 def test_lstsq_refuses_large_problems():
