@@ -804,8 +804,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         model, initial, metrics = load_model(checkpoint)
         config = metrics["config"]
-        options = [f"{key} {config.get(key)}" for key in ("activation", "width", "crelu", "halve", "seed")]
-        options = [option for option in options if not option.endswith(" None")]
+        keys = ("activation", "width", "crelu", "halve", "seed")
+        options = [f"{key} {config[key]}" for key in keys if config.get(key) is not None]
         heading = (
             f"{config['model']} {', '.join(options)}; {config['dataset']}: test accuracy "
             f"{metrics['epochs'][-1]['test_accuracy']:.4f}"
