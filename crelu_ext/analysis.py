@@ -427,7 +427,8 @@ def reconstruct_through_stack(
 ) -> torch.Tensor:
     """Figure 5: inverts conv+activation layers top-down. Each layer's solve gives an
     estimate of the layer below's features, which is inverted the same way (for CReLU, its
-    pos - neg is that layer's pre-activation). ``input_size`` is the image's size."""
+    pos - neg is that layer's pre-activation; for ReLU the estimate stands in for relu(z)).
+    ``input_size`` is the image's size."""
     return _invert_stack(stack, features, input_size, activation, max_iter)[0]
 
 
