@@ -170,23 +170,28 @@ def minimal_bytes(direction: str, numel: int, element_size: int) -> int:
     }[direction]
 
 
-def saved_bytes(fn, x: torch.Tensor) -> int:
-    """Bytes of the distinct storages autograd keeps for the backward."""
+def saved_bytes(run, exclude=()) -> int:
+    """Bytes of the distinct storages autograd saves while ``run()`` executes,
+    leaving out the storages of the tensors in ``exclude`` (parameters, say)."""
+    excluded = {t.untyped_storage().data_ptr() for t in exclude}
     storages = {}
 
     def pack(t):
-        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in excluded:
+            storages[storage.data_ptr()] = storage.nbytes()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn(x.detach().requires_grad_(True), 1)
+        run()
     return sum(storages.values())
 
 
-def peak_memory(step, device: torch.device) -> int | str:
-    """Peak CUDA memory above what was allocated before one call of step()."""
+def peak_memory(step, device: torch.device) -> int | None:
+    """Peak CUDA memory above what was allocated before one call of step(); None
+    off CUDA."""
     if device.type != "cuda":
-        return ""
+        return None
     torch.cuda.synchronize(device)
     before = torch.cuda.memory_allocated(device)
     torch.cuda.reset_peak_memory_stats(device)
@@ -227,7 +232,7 @@ def run_shape(shape: Shape, dtype, device, fns: dict, measure, allocator: str) -
     copy_bandwidth = 2 * src.numel() * size / copy_seconds
     rows = []
     for name, fn in fns.items():
-        kept = saved_bytes(fn, x)
+        kept = saved_bytes(lambda fn=fn: fn(x.detach().requires_grad_(True), 1))
         for direction, (step, setup) in steps(fn, x, grad).items():
             seconds, spread = measure(step, setup)
             bandwidth = minimal_bytes(direction, numel, size) / seconds
@@ -249,7 +254,7 @@ def run_shape(shape: Shape, dtype, device, fns: dict, measure, allocator: str) -
                     "saved_bytes_per_element": kept / numel,
                     "peak_bytes": peak_memory(step, device)
                     if direction == "forward+backward"
-                    else "",
+                    else None,
                 }
             )
     for direction in DIRECTIONS:

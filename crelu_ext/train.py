@@ -36,6 +36,7 @@ from torch.utils.data import DistributedSampler
 from tqdm import tqdm
 
 from .backends import BACKENDS, select_backend
+from .bench import peak_memory, saved_bytes
 from .data import DATASETS, ImageDataset, load_dataset, random_hflip
 from .models import ACTIVATIONS, MODELS, count_parameters
 from .nn import CReLU
@@ -556,29 +557,12 @@ def _synchronize(device: torch.device) -> None:
 
 
 def _saved_activation_bytes(run: TrainingRun, images: torch.Tensor, labels: torch.Tensor) -> int:
-    parameters = {p.untyped_storage().data_ptr() for p in run.module.parameters()}
-    saved: dict[int, int] = {}
-
-    def pack(tensor: torch.Tensor) -> torch.Tensor:
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in parameters:
-            saved[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        run.step(images, labels)
-    return sum(saved.values())
+    return saved_bytes(lambda: run.step(images, labels), exclude=run.module.parameters())
 
 
 def _cuda_peak(run: TrainingRun, images: torch.Tensor, labels: torch.Tensor) -> dict[str, int]:
-    if run.device.type != "cuda":
-        return {}
-    torch.cuda.synchronize(run.device)
-    before = torch.cuda.memory_allocated(run.device)
-    torch.cuda.reset_peak_memory_stats(run.device)
-    run.step(images, labels)
-    peak = torch.cuda.max_memory_allocated(run.device)
-    return {"cuda_peak_bytes_above_start": peak - before}
+    peak = peak_memory(lambda: run.step(images, labels), run.device)
+    return {} if peak is None else {"cuda_peak_bytes_above_start": peak}
 
 
 def main(argv: list[str] | None = None) -> None:
