@@ -11,6 +11,12 @@ import torch
 from ._layout import output_memory_format
 
 
+def call_forward(forward_op, x: torch.Tensor, dim: int) -> torch.Tensor:
+    """Runs a backend's forward op, writing the mask only when autograd will need it."""
+    out, _ = forward_op(x, dim, torch.is_grad_enabled() and x.requires_grad)
+    return out
+
+
 def register_crelu_autograd(forward: str, backward: str, backward_backward: str) -> None:
     """Registers autograd on the ops ``crelu_ext::<forward>`` and so on."""
     ops = torch.ops.crelu_ext

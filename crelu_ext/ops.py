@@ -3,7 +3,7 @@ schemas that csrc/ops.cpp defines."""
 
 import torch
 
-from ._autograd import register_crelu_autograd
+from ._autograd import call_forward, register_crelu_autograd
 from ._layout import (
     allocate_backward,
     allocate_backward_backward,
@@ -34,10 +34,8 @@ def native_available(device: torch.device) -> bool:
 
 
 def crelu(x: torch.Tensor, dim: int) -> torch.Tensor:
-    """The native forward; writes the mask only when autograd will need it."""
-    save_mask = torch.is_grad_enabled() and x.requires_grad
-    out, _ = torch.ops.crelu_ext.crelu(x, dim, save_mask)
-    return out
+    """The native forward."""
+    return call_forward(torch.ops.crelu_ext.crelu, x, dim)
 
 
 def _fake_crelu(x, dim, save_mask):

@@ -21,7 +21,7 @@ import os
 import torch
 from torch._subclasses.fake_tensor import is_fake
 
-from ._autograd import register_crelu_autograd
+from ._autograd import call_forward, register_crelu_autograd
 from ._layout import (
     allocate_backward,
     allocate_backward_backward,
@@ -157,6 +157,23 @@ def _mask_words(mask: torch.Tensor) -> torch.Tensor:
     return mask.view(torch.int32)
 
 
+def _launch_masked(kernel, source, mask, out, x_like, dim, memory_format) -> None:
+    """The backward and double-backward launch: ``x_like`` is whichever of ``source``
+    and ``out`` has x's shape, which the plan and the grid follow."""
+    if x_like.numel() == 0:
+        return
+    _, inner = plan_layout(x_like.shape, dim, memory_format)
+    _launch(
+        kernel,
+        x_like.numel(),
+        x_like.element_size(),
+        source.contiguous(memory_format=memory_format),
+        _mask_words(mask),
+        out,
+        inner=inner,
+    )
+
+
 def _define_ops() -> None:
     @torch.library.triton_op("crelu_ext::triton_crelu", mutates_args=())
     def triton_crelu(
@@ -192,17 +209,7 @@ def _define_ops() -> None:
     ) -> torch.Tensor:
         dim = check_input(grad_out, dim, "triton_crelu_backward")
         grad_x = allocate_backward(grad_out, dim, memory_format)
-        if grad_x.numel() > 0:
-            _, inner = plan_layout(grad_x.shape, dim, memory_format)
-            _launch(
-                _crelu_backward_kernel,
-                grad_x.numel(),
-                grad_x.element_size(),
-                grad_out.contiguous(memory_format=memory_format),
-                _mask_words(mask),
-                grad_x,
-                inner=inner,
-            )
+        _launch_masked(_crelu_backward_kernel, grad_out, mask, grad_x, grad_x, dim, memory_format)
         return grad_x
 
     @torch.library.triton_op(
@@ -215,17 +222,9 @@ def _define_ops() -> None:
     ) -> torch.Tensor:
         dim = check_input(grad_grad_x, dim, "triton_crelu_backward_backward")
         out = allocate_backward_backward(grad_grad_x, dim, memory_format)
-        if grad_grad_x.numel() > 0:
-            _, inner = plan_layout(grad_grad_x.shape, dim, memory_format)
-            _launch(
-                _crelu_backward_backward_kernel,
-                grad_grad_x.numel(),
-                grad_grad_x.element_size(),
-                grad_grad_x.contiguous(memory_format=memory_format),
-                _mask_words(mask),
-                out,
-                inner=inner,
-            )
+        _launch_masked(
+            _crelu_backward_backward_kernel, grad_grad_x, mask, out, grad_grad_x, dim, memory_format
+        )
         return out
 
     register_crelu_autograd(
@@ -234,10 +233,8 @@ def _define_ops() -> None:
 
 
 def crelu(x: torch.Tensor, dim: int) -> torch.Tensor:
-    """The Triton forward; writes the mask only when autograd will need it."""
-    save_mask = torch.is_grad_enabled() and x.requires_grad
-    out, _ = torch.ops.crelu_ext.triton_crelu(x, dim, save_mask)
-    return out
+    """The Triton forward."""
+    return call_forward(torch.ops.crelu_ext.triton_crelu, x, dim)
 
 
 if TRITON_IMPORT_ERROR is None:
