@@ -20,6 +20,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <c10/macros/Macros.h>
+#include <torch/library.h>
 
 #include <cstdint>
 
@@ -112,6 +113,28 @@ at::Tensor crelu_backward_backward_impl(MaskedKernel kernel,
                                         const at::Tensor& grad_grad_x,
                                         const at::Tensor& mask, int64_t dim,
                                         at::MemoryFormat memory_format);
+
+// Registers a device's kernels as its implementations of the three ops, e.g.
+// register_kernels<crelu_forward_cpu, ...>(m) in TORCH_LIBRARY_IMPL(..., CPU,
+// m).
+template <ForwardKernel kForward, MaskedKernel kBackward,
+          MaskedKernel kBackwardBackward>
+void register_kernels(torch::Library& m) {
+  m.impl("crelu", [](const at::Tensor& x, int64_t dim, bool save_mask) {
+    return crelu_forward_impl(kForward, x, dim, save_mask);
+  });
+  m.impl("crelu_backward", [](const at::Tensor& grad_out,
+                              const at::Tensor& mask, int64_t dim,
+                              at::MemoryFormat memory_format) {
+    return crelu_backward_impl(kBackward, grad_out, mask, dim, memory_format);
+  });
+  m.impl("crelu_backward_backward",
+         [](const at::Tensor& grad_grad_x, const at::Tensor& mask, int64_t dim,
+            at::MemoryFormat memory_format) {
+           return crelu_backward_backward_impl(kBackwardBackward, grad_grad_x,
+                                               mask, dim, memory_format);
+         });
+}
 
 // ---- device kernels; inputs are dense in the plan's memory order ----
 // out: [outer, 2, inner]. mask: mask_bytes(outer * inner) bytes, or an

@@ -187,21 +187,8 @@ TORCH_LIBRARY(crelu_ext, m) {
 }
 
 TORCH_LIBRARY_IMPL(crelu_ext, CPU, m) {
-  m.impl("crelu", [](const at::Tensor& x, int64_t dim, bool save_mask) {
-    return crelu_forward_impl(crelu_forward_cpu, x, dim, save_mask);
-  });
-  m.impl("crelu_backward",
-         [](const at::Tensor& grad_out, const at::Tensor& mask, int64_t dim,
-            at::MemoryFormat memory_format) {
-           return crelu_backward_impl(crelu_backward_cpu, grad_out, mask, dim,
-                                      memory_format);
-         });
-  m.impl("crelu_backward_backward", [](const at::Tensor& grad_grad_x,
-                                       const at::Tensor& mask, int64_t dim,
-                                       at::MemoryFormat memory_format) {
-    return crelu_backward_backward_impl(crelu_backward_backward_cpu,
-                                        grad_grad_x, mask, dim, memory_format);
-  });
+  register_kernels<crelu_forward_cpu, crelu_backward_cpu,
+                   crelu_backward_backward_cpu>(m);
 }
 
 }  // namespace crelu_ext

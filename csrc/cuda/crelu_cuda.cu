@@ -281,21 +281,8 @@ void crelu_backward_backward_cuda(const at::Tensor& grad_grad_x,
 }
 
 TORCH_LIBRARY_IMPL(crelu_ext, CUDA, m) {
-  m.impl("crelu", [](const at::Tensor& x, int64_t dim, bool save_mask) {
-    return crelu_forward_impl(crelu_forward_cuda, x, dim, save_mask);
-  });
-  m.impl("crelu_backward",
-         [](const at::Tensor& grad_out, const at::Tensor& mask, int64_t dim,
-            at::MemoryFormat memory_format) {
-           return crelu_backward_impl(crelu_backward_cuda, grad_out, mask, dim,
-                                      memory_format);
-         });
-  m.impl("crelu_backward_backward", [](const at::Tensor& grad_grad_x,
-                                       const at::Tensor& mask, int64_t dim,
-                                       at::MemoryFormat memory_format) {
-    return crelu_backward_backward_impl(crelu_backward_backward_cuda,
-                                        grad_grad_x, mask, dim, memory_format);
-  });
+  register_kernels<crelu_forward_cuda, crelu_backward_cuda,
+                   crelu_backward_backward_cuda>(m);
 }
 
 }  // namespace crelu_ext
