@@ -1,6 +1,10 @@
 """Builds crelu_ext._C: the CPU kernels always, the CUDA kernels when a CUDA
 toolkit and a CUDA build of torch are present (CRELU_EXT_CUDA=0/1 forces the
 choice). MAX_JOBS limits the parallel compile jobs, as for any torch extension.
+
+Built without isolation (against the torch it will run with), so the
+build-system requirements in pyproject.toml are not installed for it: the
+versions of setuptools and torch are checked here instead.
 """
 
 import glob
@@ -10,10 +14,15 @@ import shutil
 import sys
 from pathlib import Path
 
+import setuptools
 from setuptools import setup
 
 ROOT = Path(__file__).parent.resolve()
 DEFAULT_CUDA_ARCH_LIST = "8.0;9.0+PTX"
+# Keep in step with pyproject.toml (build-system.requires, dependencies).
+MIN_SETUPTOOLS = (64,)
+MIN_TORCH = (2, 11)
+LICENSE = "BSD-3-Clause"
 # Compiled once per CPU capability with ATen's flags for it; see the file.
 CPU_KERNEL = "csrc/cpu/crelu_kernel.cpp"
 CPU_CAPABILITY_FLAGS = {"DEFAULT": []}
@@ -22,6 +31,53 @@ if platform.machine().lower() in ("x86_64", "amd64"):
     CPU_CAPABILITY_FLAGS["AVX512"] = [
         "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c",
     ]  # fmt: skip
+
+
+def release(version: str) -> tuple[int, ...]:
+    """(2, 11, 0) from "2.11.0+cu130"."""
+    parts = []
+    for part in version.split("+")[0].split("."):
+        if not part.isdigit():
+            break
+        parts.append(int(part))
+    return tuple(parts)
+
+
+def check_build_requirements():
+    """Fails early, naming the fix, where pip's no-isolation build would fail
+    later and less clearly."""
+    if release(setuptools.__version__) < MIN_SETUPTOOLS:
+        sys.exit(
+            f"crelu_ext needs setuptools>={'.'.join(map(str, MIN_SETUPTOOLS))} to build, "
+            f"found {setuptools.__version__}: pip install -U setuptools"
+        )
+    if release(setuptools.__version__) < (70, 1):
+        try:
+            import wheel  # noqa: F401  (setuptools gained its own bdist_wheel in 70.1)
+        except ImportError:
+            sys.exit(
+                f"crelu_ext: setuptools {setuptools.__version__} builds wheels (editable "
+                "installs too) only with the wheel package: pip install wheel"
+            )
+    try:
+        import torch
+    except ImportError:
+        sys.exit(
+            "crelu_ext compiles against the torch it will run with: install torch first "
+            "(pip install torch), then pip install --no-build-isolation ."
+        )
+    if release(torch.__version__) < MIN_TORCH:
+        sys.exit(
+            f"crelu_ext needs torch>={'.'.join(map(str, MIN_TORCH))}, found {torch.__version__}"
+        )
+
+
+def license_metadata():
+    """The license, in the form this setuptools takes: an SPDX expression from
+    77 on (PEP 639), the older License field before (a fresh venv has 65.5)."""
+    if release(setuptools.__version__) >= (77,):
+        return {"license_expression": LICENSE}
+    return {"license": LICENSE}
 
 
 def find_cuda_home():
@@ -139,7 +195,9 @@ def build_ext_class():
 
 
 def main():
+    check_build_requirements()
     setup(
+        **license_metadata(),
         ext_modules=[extension()],
         cmdclass={"build_ext": build_ext_class()},
         options={"bdist_wheel": {"py_limited_api": "cp39"}},
