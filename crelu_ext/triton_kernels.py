@@ -17,6 +17,7 @@ them.
 """
 
 import os
+from unittest import mock
 
 import torch
 from torch._subclasses.fake_tensor import is_fake
@@ -174,6 +175,21 @@ def _launch_masked(kernel, source, mask, out, x_like, dim, memory_format) -> Non
     )
 
 
+def _triton_op_with_schema(name: str, schema: str):
+    """``torch.library.triton_op`` with the schema given. torch before 2.14 takes
+    the ``schema`` argument but infers one from the annotations anyway, and that
+    cannot express a memory format; there, its inference answers ``schema``."""
+    define = torch.library.triton_op(name, mutates_args=(), schema=schema)
+    if torch.torch_version.TorchVersion(torch.__version__) >= (2, 14):
+        return define
+
+    def define_with_schema(fn):
+        with mock.patch.object(torch._library.triton, "infer_schema", lambda *_, **__: schema):
+            return define(fn)
+
+    return define_with_schema
+
+
 def _define_ops() -> None:
     @torch.library.triton_op("crelu_ext::triton_crelu", mutates_args=())
     def triton_crelu(
@@ -199,11 +215,7 @@ def _define_ops() -> None:
     # torch cannot infer a schema with a memory format, so these two spell theirs out.
     masked_schema = "(Tensor {}, Tensor mask, int dim, MemoryFormat memory_format) -> Tensor"
 
-    @torch.library.triton_op(
-        "crelu_ext::triton_crelu_backward",
-        mutates_args=(),
-        schema=masked_schema.format("grad_out"),
-    )
+    @_triton_op_with_schema("crelu_ext::triton_crelu_backward", masked_schema.format("grad_out"))
     def triton_crelu_backward(
         grad_out: torch.Tensor, mask: torch.Tensor, dim: int, memory_format: torch.memory_format
     ) -> torch.Tensor:
@@ -212,10 +224,8 @@ def _define_ops() -> None:
         _launch_masked(_crelu_backward_kernel, grad_out, mask, grad_x, grad_x, dim, memory_format)
         return grad_x
 
-    @torch.library.triton_op(
-        "crelu_ext::triton_crelu_backward_backward",
-        mutates_args=(),
-        schema=masked_schema.format("grad_grad_x"),
+    @_triton_op_with_schema(
+        "crelu_ext::triton_crelu_backward_backward", masked_schema.format("grad_grad_x")
     )
     def triton_crelu_backward_backward(
         grad_grad_x: torch.Tensor, mask: torch.Tensor, dim: int, memory_format: torch.memory_format
