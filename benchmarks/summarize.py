@@ -1,22 +1,34 @@
-"""Summarizes the latest run in a bench CSV: for each backend, its fraction of
-copy bandwidth and its speedup against torch.compile, case by case.
+"""Summarizes runs in a bench CSV: for each backend, its fraction of copy
+bandwidth and its speedup against torch.compile, case by case.
 
     python benchmarks/summarize.py benchmarks/results/bench_cuda.csv
+    python benchmarks/summarize.py bench_cuda.csv --since 2026-11-29T18:00:00+00:00
+
+Without --since, the latest run only; with it, every run from then on (the GPU
+check's fp32, bf16 and small-size runs together).
 """
 
+import argparse
 import csv
-import sys
 from pathlib import Path
 
 BACKENDS = ("native", "triton")
 
 
-def main(path: Path) -> None:
-    with path.open() as f:
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("csv", type=Path)
+    parser.add_argument("--since", help="ISO 8601 time: rows of the runs from then on")
+    args = parser.parse_args()
+    with args.csv.open() as f:
         rows = list(csv.DictReader(f))
-    latest = max(row["date"] for row in rows)
-    rows = [row for row in rows if row["date"] == latest and row["provider"] in BACKENDS]
-    print(f"{rows[0]['device']}, {latest}, torch {rows[0]['torch']}, triton {rows[0]['triton']}")
+    since = args.since or max(row["date"] for row in rows)
+    # One writer, one format (isoformat, UTC): the strings sort as the times do.
+    rows = [row for row in rows if row["date"] >= since and row["provider"] in BACKENDS]
+    if not rows:
+        raise SystemExit(f"{args.csv}: no native or triton rows since {since}")
+    first = rows[0]
+    print(f"{first['device']}, since {since}, torch {first['torch']}, triton {first['triton']}")
     print(f"{'case':<52} {'backend':>8} {'copy%':>6} {'vs compile':>10}")
     for row in rows:
         case = f"{row['shape']} {row['layout']} {row['dtype']} {row['direction']}"
@@ -29,4 +41,4 @@ def main(path: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    main()
