@@ -1,42 +1,57 @@
 # Every target sets up what it needs: a fresh machine needs only `make test`
 # or `make bench`. VENV=/path/to/env reuses another environment, and
 # PYTHON=python3 (with VENV=) uses the current interpreter as it is.
+# REQUIREMENTS picks the pinned set: `make test-oldest` is `make test` with
+# the oldest torch the package supports (requirements-oldest.txt) in .venv-oldest.
 VENV ?= .venv
 PYTHON ?= $(VENV)/bin/python
+REQUIREMENTS ?= requirements-dev.txt
 JOBS ?= 2
 CMAKE_BUILD ?= build/cmake
 SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h') setup.py
 
-.PHONY: test bench build cmake-test lint format gpu-check clean
+.PHONY: test test-oldest bench build cmake-test lint format gpu-check gpu-check-dry-run clean
 
-$(VENV)/.installed: requirements-dev.txt
+$(VENV)/.installed: $(REQUIREMENTS) requirements-test.txt
 	python3 -m venv $(VENV)
 	$(PYTHON) -m pip install --quiet --upgrade pip
-	$(PYTHON) -m pip install --quiet -r requirements-dev.txt
+	$(PYTHON) -m pip install --quiet -r $(REQUIREMENTS)
 	touch $@
 
 # The extension, CUDA included when nvcc and a CUDA torch are there (see setup.py).
-build/.built: $(VENV)/.installed $(SOURCES)
+# It is built in place, against one venv's torch: the stamp names that venv,
+# so switching venvs rebuilds.
+BUILT := build/.built-$(subst /,_,$(abspath $(VENV)))
+$(BUILT): $(VENV)/.installed $(SOURCES)
+	rm -f build/.built-*
 	MAX_JOBS=$(JOBS) $(PYTHON) -m pip install --quiet --no-build-isolation -e .
 	mkdir -p build && touch $@
 
-build: build/.built
+build: $(BUILT)
 
 # The tests; the native CPU kernels must have been built (no silent fallback).
 # The Triton kernels run on CPU tensors in Triton's interpreter, in a second
 # session: TRITON_INTERPRET is read when the kernels are defined.
-test: build/.built
+test: $(BUILT)
 	CRELU_EXT_REQUIRE_NATIVE=1 $(PYTHON) -m pytest tests -q
 	TRITON_INTERPRET=1 $(PYTHON) -m pytest tests -q -k triton-cpu
 
+# The same suite on the oldest supported torch (see requirements-oldest.txt).
+test-oldest:
+	$(MAKE) test VENV=.venv-oldest REQUIREMENTS=requirements-oldest.txt
+
 # The benchmark, on the GPU if there is one, else the CPU.
-bench: build/.built
+bench: $(BUILT)
 	$(PYTHON) -m crelu_ext bench
 
-# On a GPU machine with torch installed (no venv, no network): build, all
-# tests on CUDA, compute-sanitizer, benchmarks, a summary; see the script.
+# On a GPU machine with torch installed (no venv, no network): build, CUDA
+# parity, benchmarks, compute-sanitizer, the full suite, within 8 minutes; see
+# the script. The dry run runs every step's command on the CPU (CI does).
 gpu-check:
 	bash benchmarks/gpu_check.sh
+
+gpu-check-dry-run: $(BUILT)
+	PYTHON=$(PYTHON) bash benchmarks/gpu_check.sh --dry-run
 
 # The same csrc/ built by CMake as a libtorch op library, and its C++ test.
 cmake-test: $(VENV)/.installed
