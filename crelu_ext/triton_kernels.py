@@ -4,7 +4,13 @@ Registered with ``torch.library.triton_op`` so that ``torch.compile`` traces
 into the kernels. They follow the layout plan and mask layout of csrc/crelu.h:
 a program handles BLOCK consecutive input elements of the [outer, inner]
 plan, element i = o * inner + r going to out[o][0][r] and out[o][1][r], which
-sit at i + o * inner and that plus inner.
+sit at i + o * inner and that plus inner. A program's elements are a
+[BLOCK // 32, 32] tile, one mask block per row, so mask words are whole and
+written by one program. The program divides once to find its first row; its
+elements find theirs with a multiply-high, as the CUDA kernels' IntDivider
+does. When rows are whole 16-byte vectors and the pointers are aligned (the
+CUDA launcher's condition), hints let every access be 128 bits wide.
+benchmarks/codegen_check.py checks the generated code without a GPU.
 
 Two traps of writing this in Triton: ``tl.maximum`` drops NaN, so relu is a
 ``tl.where`` on a comparison (false for NaN); and unary minus lowers to
@@ -61,14 +67,17 @@ class LaunchPlan(NamedTuple):
     constexprs: dict
 
 
-def row_divider(inner: int) -> tuple[int, int]:
+def row_divider(inner) -> tuple[int, int]:
     """``(magic, shift)`` with ``n // inner == (umulhi(n, magic) + n) >> shift``
     for ``0 <= n < 2**31`` (at::cuda::detail::IntDivider's method, which the
     CUDA kernels use). ``magic`` is given as the int32 of its 32 bits, so that
-    the argument's type never changes."""
-    shift = (inner - 1).bit_length()
+    the argument's type never changes. Written for the symbolic sizes of
+    torch.compile too, where it guards only on inner's power-of-two range."""
+    shift = 0
+    while (1 << shift) < inner:
+        shift += 1
     magic = (2**32 * ((1 << shift) - inner)) // inner + 1
-    return magic - 2**32 if magic > INT32_MAX else magic, shift
+    return magic - 2**32 * (magic // 2**31), shift
 
 
 def plan_launch(numel: int, inner: int, element_size: int, aligned: bool) -> LaunchPlan:
@@ -76,7 +85,7 @@ def plan_launch(numel: int, inner: int, element_size: int, aligned: bool) -> Lau
     block = BLOCK_BY_ELEMENT_SIZE[element_size]
     vector = VECTOR_BYTES // element_size
     # Past this, a program's local column index no longer fits in int32.
-    wide_rows = inner + 2 * block > INT32_MAX
+    wide_rows = bool(inner + 2 * block > INT32_MAX)
     magic, shift = (0, 0) if wide_rows else row_divider(inner)
     return LaunchPlan(
         grid=((numel + block - 1) // block,),
@@ -86,7 +95,7 @@ def plan_launch(numel: int, inner: int, element_size: int, aligned: bool) -> Lau
             "BLOCK": block,
             "VECTOR": vector,
             # A vector of x then never straddles two rows of the output.
-            "ALIGNED": aligned and inner % vector == 0,
+            "ALIGNED": aligned and bool(inner % vector == 0),
             "WIDE_ROWS": wide_rows,
         },
     )
@@ -274,8 +283,11 @@ if TRITON_IMPORT_ERROR is None:
 
 
 def _is_aligned(tensor: torch.Tensor) -> bool:
-    # Fake tensors have no address; their kernels never run.
-    return is_fake(tensor) or tensor.data_ptr() % VECTOR_BYTES == 0
+    if is_fake(tensor):
+        # No address while torch.compile traces: its storages start aligned
+        # (Inductor copies graph inputs that do not), so the offset decides.
+        return tensor.storage_offset() * tensor.element_size() % VECTOR_BYTES == 0
+    return tensor.data_ptr() % VECTOR_BYTES == 0
 
 
 def _launch(kernel, numel: int, element_size: int, *tensors, inner: int, **constexprs) -> None:

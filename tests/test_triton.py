@@ -166,3 +166,25 @@ def test_plan_launch(numel, inner, element_size, aligned, vectors, wide, grid):
     assert plan.constexprs["VECTOR"] * element_size == 16
     if not wide:
         assert (plan.row_magic, plan.row_shift) == triton_kernels.row_divider(inner)
+
+
+def test_plan_launch_takes_symbolic_sizes():
+    # torch.compile(dynamic=True) traces the launch with symbolic sizes: the
+    # constexprs must come out concrete and the divider must stay exact.
+    from torch._dynamo.source import ConstantSource
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    env = ShapeEnv()
+
+    def symbolic(value, name):
+        return env.create_symintnode(env.create_symbol(value, ConstantSource(name)), hint=value)
+
+    plan = triton_kernels.plan_launch(symbolic(4800, "numel"), symbolic(200, "inner"), 4, True)
+    expected = triton_kernels.plan_launch(4800, 200, 4, True)
+    assert plan.constexprs == expected.constexprs
+    assert all(type(value) in (bool, int) for value in plan.constexprs.values())
+    assert (int(plan.grid[0]), int(plan.row_magic), plan.row_shift) == (
+        expected.grid[0],
+        expected.row_magic,
+        expected.row_shift,
+    )
