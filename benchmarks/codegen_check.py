@@ -50,22 +50,18 @@ THREADS = 32 * triton_kernels.NUM_WARPS
 class Kernel(NamedTuple):
     name: str
     fn: object
-    pointers: tuple[str, ...]  # data pointers, then "mask" for the mask words
+    pointers: int  # leading arguments: the data pointers and the mask words
     loads: int  # data arrays read
     stores: int  # data arrays written
     constexprs: dict
 
 
 KERNELS = [
-    Kernel("forward", triton_kernels._crelu_forward_kernel, ("x", "out", "mask"), 1, 2,
-           {"WRITE_MASK": False}),
-    Kernel("forward+mask", triton_kernels._crelu_forward_kernel, ("x", "out", "mask"), 1, 2,
-           {"WRITE_MASK": True}),
-    Kernel("backward", triton_kernels._crelu_backward_kernel, ("grad", "mask", "grad_x"), 2, 1,
-           {}),
-    Kernel("double backward", triton_kernels._crelu_backward_backward_kernel,
-           ("gg", "mask", "out"), 1, 2, {}),
-]  # fmt: skip
+    Kernel("forward", triton_kernels._crelu_forward_kernel, 3, 1, 2, {"WRITE_MASK": False}),
+    Kernel("forward+mask", triton_kernels._crelu_forward_kernel, 3, 1, 2, {"WRITE_MASK": True}),
+    Kernel("backward", triton_kernels._crelu_backward_kernel, 3, 2, 1, {}),
+    Kernel("double backward", triton_kernels._crelu_backward_backward_kernel, 3, 1, 2, {}),
+]
 
 # (path, numel, inner): shapes that take each path, all pointers aligned (a
 # misaligned one takes the scalar path too). The integers are compiled without
@@ -89,7 +85,7 @@ def compile_kernel(kernel: Kernel, dtype: torch.dtype, path, arch: int):
         "row_shift": plan.row_shift,
     }
     signature = {}
-    for name in names[: len(kernel.pointers)]:
+    for name in names[: kernel.pointers]:
         signature[name] = "*i32" if name == "mask_ptr" else f"*{TYPE_NAMES[dtype]}"
     for name, value in ints.items():
         signature[name] = "i32" if -(2**31) <= value < 2**31 else "i64"
@@ -146,31 +142,29 @@ def divisions(ptx_ops: Counter, bits: int) -> int:
 
 def violations(kernel: Kernel, dtype, path_name: str, plan, counts: Counts) -> list[str]:
     found = []
-    ops_ = counts.ptx
-    if divisions(ops_, 64) > 1 or divisions(ops_, 32) > 1:
+    ptx_ops = counts.ptx
+    if divisions(ptx_ops, 64) > 1 or divisions(ptx_ops, 32) > 1:
         found.append("divides per element (more than the program's one 64-bit div/rem)")
-    if any(op.startswith("call") for op in ops_):
+    if any(op.startswith("call") for op in ptx_ops):
         found.append("calls a helper")
-    if any(".local" in op for op in ops_) or any(op in ("LDL", "STL") for op in counts.sass):
+    if any(".local" in op for op in ptx_ops) or any(op in ("LDL", "STL") for op in counts.sass):
         found.append("uses local memory")
     if path_name == "aligned":
         block = plan.constexprs["BLOCK"]
         vectors_per_array = block * dtype.itemsize * 8 // VECTOR_BITS // THREADS
-        accesses = global_accesses(ops_)
+        accesses = global_accesses(ptx_ops)
         for kind, arrays in (("ld", kernel.loads), ("st", kernel.stores)):
             wide = accesses[kind][VECTOR_BITS]
             narrow = sum(n for bits, n in accesses[kind].items() if bits != VECTOR_BITS)
-            if wide != arrays * vectors_per_array:
-                found.append(
-                    f"{kind}.global: {wide} 128-bit, expected {arrays * vectors_per_array}"
-                )
+            expected = arrays * vectors_per_array
+            if wide != expected:
+                found.append(f"{kind}.global: {wide} 128-bit accesses, expected {expected}")
             # Mask words: at most a block's pair per vector (a vector lies in
             # one block of 32 elements), which a warp reads at one address.
-            touches_mask = (
-                kernel.name in ("backward", "double backward")
-                if kind == "ld"
-                else (kernel.constexprs.get("WRITE_MASK", False))
-            )
+            if kind == "ld":
+                touches_mask = kernel.name in ("backward", "double backward")
+            else:
+                touches_mask = kernel.constexprs.get("WRITE_MASK", False)
             if narrow > (vectors_per_array if touches_mask else 0):
                 found.append(f"{kind}.global: {narrow} narrower than 128 bits")
     return found

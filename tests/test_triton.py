@@ -1,6 +1,10 @@
 """What is particular to the Triton backend: its two known traps, checked
 value by value, and no recompiles per shape on a GPU."""
 
+import importlib.util
+from collections import Counter
+from pathlib import Path
+
 import pytest
 import torch
 from helpers import assert_bitwise_equal, make_input
@@ -188,3 +192,40 @@ def test_plan_launch_takes_symbolic_sizes():
         expected.row_magic,
         expected.row_shift,
     )
+
+
+def _codegen_check():
+    pytest.importorskip("triton")
+    path = Path(__file__).parents[1] / "benchmarks" / "codegen_check.py"
+    spec = importlib.util.spec_from_file_location("codegen_check", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_codegen_check_reports_what_the_old_kernels_did():
+    # Scalar accesses, a division per element and a spill, in PTX as Triton writes it.
+    check = _codegen_check()
+    ptx = """
+        ld.global.v4.b32 { %r1, %r2, %r3, %r4 }, [ %rd1 + 0 ];
+        @%p1 ld.global.b32 { %r5 }, [ %rd2 + 0 ];
+        @!%p2 st.global.L1::evict_first.v2.b64 [ %rd3 + 0 ], { %rd4, %rd5 };
+        rem.s64 	%rd6, %rd7, %rd8;
+        rem.s64 	%rd9, %rd10, %rd8;
+        st.local.b32 	[%rd11], %r1;
+    """
+    counts = check.count(ptx, "")
+    assert check.global_accesses(counts.ptx) == {
+        "ld": Counter({128: 1, 32: 1}),
+        "st": Counter({128: 1}),
+    }
+    assert check.divisions(counts.ptx, 64) == 2
+    forward = check.KERNELS[0]
+    plan = triton_kernels.plan_launch(4096, 64, 4, True)
+    assert check.violations(forward, torch.float32, "aligned", plan, counts) == [
+        "divides per element (more than the program's one 64-bit div/rem)",
+        "uses local memory",
+        "ld.global: 1 128-bit accesses, expected 2",
+        "ld.global: 1 narrower than 128 bits",
+        "st.global: 1 128-bit accesses, expected 4",
+    ]
