@@ -10,7 +10,7 @@ JOBS ?= 2
 CMAKE_BUILD ?= build/cmake
 SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h') setup.py
 
-.PHONY: test test-oldest bench build cmake-test lint format gpu-check gpu-check-dry-run clean
+.PHONY: test test-oldest bench build cmake-test codegen-check lint format gpu-check gpu-check-dry-run clean
 
 $(VENV)/.installed: $(REQUIREMENTS) requirements-test.txt
 	python3 -m venv $(VENV)
@@ -52,6 +52,11 @@ gpu-check:
 
 gpu-check-dry-run: $(BUILT)
 	PYTHON=$(PYTHON) bash benchmarks/gpu_check.sh --dry-run
+
+# The kernels' machine code, compiled without a GPU: Triton's PTX and SASS for
+# sm_90 and sm_80, and the CUDA build's SASS (see the script).
+codegen-check: $(BUILT)
+	$(PYTHON) benchmarks/codegen_check.py
 
 # The same csrc/ built by CMake as a libtorch op library, and its C++ test.
 cmake-test: $(VENV)/.installed
