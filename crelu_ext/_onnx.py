@@ -33,14 +33,18 @@ ONNX_OPSET = 9  # Relu, Neg and Concat exist since opset 1; the exporters suppor
 def _packed_mask(x: torch.Tensor) -> torch.Tensor:
     """The mask the kernels save (csrc/crelu.h), from torch ops: in x's memory
     order, per block of 32 elements a little-endian uint32 of "x > 0 or NaN"
-    bits, then one of "x < 0 or NaN" bits; padding bits are 0."""
+    bits, then one of "x < 0 or NaN" bits; padding bits are 0. Written without
+    padding or reshaping into blocks, which would make torch.export specialize
+    a dynamic size."""
     flat = x.permute(memory_order(x.dim(), output_memory_format(x))).reshape(-1)
+    index = torch.arange(flat.numel(), device=x.device)
+    bits = torch.ones_like(index) << (index % MASK_BLOCK)
+    pos_word = index // MASK_BLOCK * 2
     blocks = (flat.numel() + MASK_BLOCK - 1) // MASK_BLOCK
-    flat = torch.nn.functional.pad(flat, (0, blocks * MASK_BLOCK - flat.numel()))
-    signs = torch.stack([~(flat <= 0), ~(flat >= 0)]).view(2, blocks, MASK_BLOCK)
-    bit_values = 2 ** torch.arange(MASK_BLOCK, device=x.device, dtype=torch.int64)
-    words = (signs.to(torch.int64) * bit_values).sum(-1).t()  # [blocks, (pos, neg)]
-    byte_shifts = torch.arange(0, 32, 8, device=x.device, dtype=torch.int64)
+    words = torch.zeros(2 * blocks, dtype=torch.int64, device=x.device)
+    words = words.index_add(0, pos_word, bits * ~(flat <= 0))
+    words = words.index_add(0, pos_word + 1, bits * ~(flat >= 0))
+    byte_shifts = torch.arange(0, 32, 8, device=x.device)
     return ((words.unsqueeze(-1) >> byte_shifts) & 0xFF).to(torch.uint8).reshape(-1)
 
 

@@ -139,9 +139,10 @@ def test_torch_export_dynamic_batch_runs_the_native_op():
 
 
 def test_aoti_package_calls_the_native_op(tmp_path):
-    """One small model through AOTInductor: compile, package, load, run; the
-    package's C++ calls crelu_ext::crelu through the dispatcher (the op is
-    not lowered to Inductor's own code)."""
+    """One small model through AOTInductor: compile, package, load, run. The
+    op is not lowered into Inductor's code: the package's C++ hands it to the
+    proxy executor, which calls crelu_ext::crelu through the dispatcher (seen
+    in the profiler)."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(8, 4), crelu_ext.CReLU(-1)).eval()
     batch = torch.export.Dim("batch", min=1)
@@ -150,9 +151,16 @@ def test_aoti_package_calls_the_native_op(tmp_path):
         program, package_path=str(tmp_path / "crelu.pt2")
     )
     with zipfile.ZipFile(package) as archive:
-        sources = [archive.read(n).decode() for n in archive.namelist() if n.endswith(".cpp")]
-    assert any("crelu_ext::crelu" in source for source in sources)
+        files = {name: archive.read(name) for name in archive.namelist()}
+    (wrapper,) = [text for name, text in files.items() if name.endswith("wrapper.cpp")]
+    (extern_nodes,) = [text for name, text in files.items() if name.endswith("wrapper.json")]
+    assert b"aoti_torch_proxy_executor_call_function" in wrapper
+    assert b'"target": "crelu_ext::crelu"' in extern_nodes
+
     loaded = torch._inductor.aoti_load_package(package)
     x = make_input((5, 8), torch.float32, seed=6)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        out = loaded(x)
+    assert "crelu_ext::crelu" in {event.name for event in profile.events()}
     with torch.no_grad():
-        assert_bitwise_equal(loaded(x), model(x))
+        assert_bitwise_equal(out, model(x))
