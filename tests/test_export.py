@@ -89,7 +89,8 @@ def test_torchscript_export_refuses_a_graph_that_uses_the_mask(tmp_path):
 
     with pytest.raises(Exception, match="crelu"), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(ReturnsMask(), (torch.randn(2, 3),), str(tmp_path / "m.onnx"), dynamo=False)
+        path = str(tmp_path / "m.onnx")
+        torch.onnx.export(ReturnsMask(), (torch.randn(2, 3),), path, dynamo=False)
 
 
 @pytest.mark.parametrize(
@@ -123,7 +124,8 @@ sys.modules["triton"] = None  # as on a machine without Triton
 import torch, crelu_ext
 assert "onnx" not in sys.modules and "torch.onnx" not in sys.modules, "imported onnx"
 import warnings; warnings.simplefilter("ignore")
-torch.onnx.export(crelu_ext.CReLU(), (torch.randn(2, 3),), {str(tmp_path / "m.onnx")!r}, dynamo=False)
+path = {str(tmp_path / "m.onnx")!r}
+torch.onnx.export(crelu_ext.CReLU(), (torch.randn(2, 3),), path, dynamo=False)
 """
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
