@@ -8,7 +8,7 @@ import zipfile
 
 import pytest
 import torch
-from helpers import assert_bitwise_equal, make_input
+from helpers import assert_bitwise_equal, make_input, readme_example
 
 import crelu_ext
 from crelu_ext import _onnx
@@ -166,3 +166,11 @@ def test_aoti_package_calls_the_native_op(tmp_path):
     assert "crelu_ext::crelu" in {event.name for event in profile.events()}
     with torch.no_grad():
         assert_bitwise_equal(out, model(x))
+
+
+def test_readme_onnx_example_runs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        exec(readme_example("Deploying"), {})
+    assert (tmp_path / "crelu.onnx").exists()

@@ -4,7 +4,7 @@ same outputs and gradients bit for bit; everything else is left alone."""
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_bitwise_equal, make_input
+from helpers import assert_bitwise_equal, make_input, readme_example
 from torch import nn
 
 import crelu_ext
@@ -255,3 +255,9 @@ def test_forward_that_branches_on_training_is_a_clear_error():
     with pytest.raises(RuntimeError, match="different paths in training and in eval"):
         crelu_ext.fuse(model)
     assert not model.training  # the mode is restored
+
+
+def test_readme_example_runs(capsys):
+    exec(readme_example("Using it in an existing model"), {})
+    printed = capsys.readouterr().out
+    assert "['relu']" in printed and "['cat']" in printed and "fused_crelu(fc1, -1)" in printed
