@@ -59,6 +59,20 @@ def test_onnx_activation_is_standard_ops_and_bitwise_equal(tmp_path, exporter, d
 
 
 @pytest.mark.parametrize("exporter", EXPORTERS)
+def test_onnx_export_of_each_backend(tmp_path, backend_device, exporter):
+    """The Triton op exports as the native one does (run with TRITON_INTERPRET=1
+    for triton-cpu)."""
+    backend, device = backend_device
+    model = crelu_ext.CReLU(-1, backend=backend).eval()
+    path = str(tmp_path / "crelu.onnx")
+    exported = _onnx_export(model, torch.randn(2, 3, 4, device=device), path, exporter)
+    assert _op_types(exported) == {("", op) for op in STANDARD_OPS}
+    x = make_input((3, 3, 4), torch.float32, seed=7)
+    expected = crelu_ext.crelu(x.to(device), -1, backend=backend).cpu()
+    assert_bitwise_equal(_run_ort(path, x), expected)
+
+
+@pytest.mark.parametrize("exporter", EXPORTERS)
 def test_onnx_network_matches_eager(tmp_path, exporter):
     torch.manual_seed(0)
     model = torch.nn.Sequential(
