@@ -253,20 +253,21 @@ def fuse(model: torch.nn.Module) -> torch.fx.GraphModule:
     forward takes different paths in training and in eval (a traced graph
     would keep only one of them).
     """
-    was_training = model.training
+    modes = {submodule: submodule.training for submodule in model.modules()}
     try:
         traced = {mode: _trace(model, mode) for mode in (True, False)}
-    finally:
-        model.train(was_training)
+    finally:  # each submodule's own mode: a frozen BatchNorm stays in eval
+        for submodule, training in modes.items():
+            submodule.training = training
     if traced[True].code != traced[False].code:
         raise RuntimeError(
             f"crelu_ext.fuse: {type(model).__name__}.forward takes different paths in "
             "training and in eval, and a traced graph keeps only one; fuse a submodule "
             "whose forward does not branch on self.training"
         )
-    module = traced[was_training]
+    module = traced[model.training]
+    module.training = model.training
     module.fused = _Fuser(module).fuse()
     module.graph.lint()
     module.recompile()
-    module.train(was_training)
     return module

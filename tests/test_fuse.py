@@ -261,3 +261,12 @@ def test_readme_example_runs(capsys):
     exec(readme_example("Using it in an existing model"), {})
     printed = capsys.readouterr().out
     assert "['relu']" in printed and "['cat']" in printed and "fused_crelu(fc1, -1)" in printed
+
+
+def test_submodule_modes_are_kept():
+    model = DetectorBlock().train()
+    model.bn.eval()  # a frozen BatchNorm, as detectors fine-tune
+    fused = crelu_ext.fuse(model)
+    assert model.training and not model.bn.training
+    assert fused.training and not fused.bn.training
+    assert_fused_like(model, fused, make_input((2, 3, 5, 5), torch.float32))
