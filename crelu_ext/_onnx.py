@@ -5,7 +5,10 @@ no registration by the user, for both of ``torch.onnx.export``'s exporters.
   op that has no ONNX translation but an entry in
   ``torch._decomp.decomposition_table``. crelu's entry is the composition it
   is defined as (plus the exact packed mask when one was asked for, which an
-  inference graph never uses and the exporter drops).
+  inference graph never uses and the exporter drops). FakeTensor also prefers
+  that entry to the op's fake kernel under symbolic shapes (torch.compile and
+  torch.export with dynamic sizes), so it must give the kernels' output layout
+  and mask size and add no guards on the sizes.
 - ``dynamo=False`` (TorchScript) looks ops up in its registry of symbolic
   functions. torch imports ``torch.onnx`` lazily, and importing it here would
   slow down ``import crelu_ext``, so the symbolic functions are registered
@@ -27,7 +30,7 @@ from ._layout import MASK_BLOCK, memory_order, output_memory_format
 # The forward ops ``(x, dim, save_mask) -> (out, mask)`` of the backends that
 # have compiled or Triton kernels; the reference backend is the composition.
 FORWARD_OPS = ("crelu", "triton_crelu")
-ONNX_OPSET = 9  # Relu, Neg and Concat exist since opset 1; the exporters support 9 and up
+ONNX_OPSET = 11  # from which on Concat takes a negative axis
 
 
 def _packed_mask(x: torch.Tensor) -> torch.Tensor:
