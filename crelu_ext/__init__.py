@@ -4,9 +4,10 @@ y = crelu_ext.crelu(x, dim=1)        # == cat([relu(x), relu(-x)], dim=1)
 m = crelu_ext.CReLU(dim=1)
 """
 
-from . import reference
+from . import _onnx, reference  # noqa: F401  (_onnx: torch.onnx.export exports the ops)
 from .backends import available_backends, crelu
+from .fuse import fuse
 from .nn import CReLU
 
 __version__ = "0.1.0"
-__all__ = ["CReLU", "available_backends", "crelu", "reference"]
+__all__ = ["CReLU", "available_backends", "crelu", "fuse", "reference"]

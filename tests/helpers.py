@@ -1,5 +1,9 @@
 """Shared test helpers: inputs with special values, bitwise comparison, layouts."""
 
+import re
+import textwrap
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -103,3 +107,10 @@ LAYOUTS = {
     "expanded": expanded,
     "storage_offset": storage_offset,
 }
+
+
+def readme_example(section: str) -> str:
+    """The first Python code block of the README's ``## section``."""
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    body = readme.split(f"\n## {section}\n", 1)[1].split("\n## ", 1)[0]
+    return textwrap.dedent(re.search(r"```python\n(.*?)```", body, re.DOTALL).group(1))

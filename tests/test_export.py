@@ -1,0 +1,190 @@
+"""Deployment: ONNX export with both exporters (no user registration),
+torch.export and AOTInductor, each compared with eager."""
+
+import subprocess
+import sys
+import warnings
+import zipfile
+
+import pytest
+import torch
+from helpers import assert_bitwise_equal, make_input, readme_example
+
+import crelu_ext
+from crelu_ext import _onnx
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxscript")
+
+EXPORTERS = ["dynamo", "torchscript"]
+STANDARD_OPS = {"Relu", "Neg", "Concat"}
+
+
+def _onnx_export(model, x, path, exporter):
+    """Exports with a dynamic batch dimension, the way a user would."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation warning
+        if exporter == "dynamo":
+            batch = torch.export.Dim("batch", min=1)
+            torch.onnx.export(model, (x,), path, dynamic_shapes=({0: batch},), verbose=False)
+        else:
+            torch.onnx.export(
+                model, (x,), path, dynamo=False, input_names=["x"], dynamic_axes={"x": {0: "batch"}}
+            )
+    return onnx.load(path)
+
+
+def _run_ort(path, x: torch.Tensor) -> torch.Tensor:
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    (out,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    return torch.from_numpy(out)
+
+
+def _op_types(model) -> set[tuple[str, str]]:
+    return {(node.domain, node.op_type) for node in model.graph.node}
+
+
+@pytest.mark.parametrize("exporter", EXPORTERS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+@pytest.mark.parametrize(("shape", "dim"), [((2, 3, 4, 5), 1), ((2, 3, 4, 5), -1), ((3, 7), 1)])
+def test_onnx_activation_is_standard_ops_and_bitwise_equal(tmp_path, exporter, dtype, shape, dim):
+    model = crelu_ext.CReLU(dim).eval()
+    path = str(tmp_path / "crelu.onnx")
+    exported = _onnx_export(model, make_input(shape, dtype, seed=1), path, exporter)
+    assert _op_types(exported) == {("", op) for op in STANDARD_OPS}
+    # Another batch size than the exported one, with NaN, +-0, +-inf, subnormals.
+    x = make_input((5, *shape[1:]), dtype, seed=2)
+    assert_bitwise_equal(_run_ort(path, x), crelu_ext.crelu(x, dim), f"{exporter} {dtype}")
+
+
+@pytest.mark.parametrize("exporter", EXPORTERS)
+def test_onnx_export_of_each_backend(tmp_path, backend_device, exporter):
+    """The Triton op exports as the native one does (run with TRITON_INTERPRET=1
+    for triton-cpu)."""
+    backend, device = backend_device
+    model = crelu_ext.CReLU(-1, backend=backend).eval()
+    path = str(tmp_path / "crelu.onnx")
+    exported = _onnx_export(model, torch.randn(2, 3, 4, device=device), path, exporter)
+    assert _op_types(exported) == {("", op) for op in STANDARD_OPS}
+    x = make_input((3, 3, 4), torch.float32, seed=7)
+    expected = crelu_ext.crelu(x.to(device), -1, backend=backend).cpu()
+    assert_bitwise_equal(_run_ort(path, x), expected)
+
+
+@pytest.mark.parametrize("exporter", EXPORTERS)
+def test_onnx_network_matches_eager(tmp_path, exporter):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3), crelu_ext.CReLU(), torch.nn.Conv2d(8, 2, 1)
+    ).eval()
+    path = str(tmp_path / "net.onnx")
+    exported = _onnx_export(model, torch.randn(2, 3, 8, 8), path, exporter)
+    assert {op for _, op in _op_types(exported)} == STANDARD_OPS | {"Conv"}
+    x = torch.randn(6, 3, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(_run_ort(path, x), model(x))
+
+
+def test_onnx_exports_an_exported_program(tmp_path):
+    """torch.onnx.export(ExportedProgram): the native op is already in the graph."""
+    program = torch.export.export(crelu_ext.CReLU(-1), (torch.randn(2, 6),))
+    assert any(node.target is torch.ops.crelu_ext.crelu.default for node in program.graph.nodes)
+    path = str(tmp_path / "program.onnx")
+    torch.onnx.export(program, f=path, verbose=False)
+    x = make_input((2, 6), torch.float32, seed=3)
+    assert_bitwise_equal(_run_ort(path, x), crelu_ext.crelu(x, -1))
+
+
+def test_torchscript_export_refuses_a_graph_that_uses_the_mask(tmp_path):
+    class ReturnsMask(torch.nn.Module):
+        def forward(self, x):
+            return torch.ops.crelu_ext.crelu(x, 1, True)
+
+    with pytest.raises(Exception, match="crelu"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        path = str(tmp_path / "m.onnx")
+        torch.onnx.export(ReturnsMask(), (torch.randn(2, 3),), path, dynamo=False)
+
+
+@pytest.mark.parametrize(
+    "layout",
+    [
+        lambda t: t,
+        lambda t: t.to(memory_format=torch.channels_last),
+        lambda t: t.transpose(1, 3),
+        lambda t: t[..., ::2],
+    ],
+    ids=["contiguous", "channels_last", "transposed", "sliced"],
+)
+@pytest.mark.parametrize("shape", [(2, 3, 4, 5), (1, 3, 1, 11), (2, 0, 3, 3)])
+def test_decomposition_equals_the_native_op(layout, shape):
+    """The decomposition the dynamo exporter uses gives the native op's output
+    and packed mask bit for bit (it must, wherever torch applies it)."""
+    x = layout(make_input(shape, torch.float32, seed=4))
+    out, mask = torch.ops.crelu_ext.crelu(x, 1, True)
+    composed_out, composed_mask = _onnx._crelu_composition(x, 1, True)
+    assert_bitwise_equal(composed_out, out)
+    assert composed_out.stride() == out.stride()
+    assert torch.equal(composed_mask, mask)
+
+
+def test_import_does_not_import_onnx_and_registers_when_torch_onnx_loads(tmp_path):
+    """Without Triton nothing imports torch.onnx at `import crelu_ext`; the
+    TorchScript symbolic is then registered when torch.onnx is imported."""
+    code = f"""
+import sys
+sys.modules["triton"] = None  # as on a machine without Triton
+import torch, crelu_ext
+assert "onnx" not in sys.modules and "torch.onnx" not in sys.modules, "imported onnx"
+import warnings; warnings.simplefilter("ignore")
+path = {str(tmp_path / "m.onnx")!r}
+torch.onnx.export(crelu_ext.CReLU(), (torch.randn(2, 3),), path, dynamo=False)
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_torch_export_dynamic_batch_runs_the_native_op():
+    model = crelu_ext.CReLU(1)
+    batch = torch.export.Dim("batch", min=1)
+    program = torch.export.export(model, (torch.randn(2, 3, 4),), dynamic_shapes=({0: batch},))
+    assert any(node.target is torch.ops.crelu_ext.crelu.default for node in program.graph.nodes)
+    x = make_input((5, 3, 4), torch.float32, seed=5)
+    assert_bitwise_equal(program.module()(x), crelu_ext.crelu(x, 1))
+
+
+def test_aoti_package_calls_the_native_op(tmp_path):
+    """One small model through AOTInductor: compile, package, load, run. The
+    op is not lowered into Inductor's code: the package's C++ hands it to the
+    proxy executor, which calls crelu_ext::crelu through the dispatcher (seen
+    in the profiler)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 4), crelu_ext.CReLU(-1)).eval()
+    batch = torch.export.Dim("batch", min=1)
+    program = torch.export.export(model, (torch.randn(2, 8),), dynamic_shapes=({0: batch},))
+    package = torch._inductor.aoti_compile_and_package(
+        program, package_path=str(tmp_path / "crelu.pt2")
+    )
+    with zipfile.ZipFile(package) as archive:
+        files = {name: archive.read(name) for name in archive.namelist()}
+    (wrapper,) = [text for name, text in files.items() if name.endswith("wrapper.cpp")]
+    (extern_nodes,) = [text for name, text in files.items() if name.endswith("wrapper.json")]
+    assert b"aoti_torch_proxy_executor_call_function" in wrapper
+    assert b'"target": "crelu_ext::crelu"' in extern_nodes
+
+    loaded = torch._inductor.aoti_load_package(package)
+    x = make_input((5, 8), torch.float32, seed=6)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        out = loaded(x)
+    assert "crelu_ext::crelu" in {event.name for event in profile.events()}
+    with torch.no_grad():
+        assert_bitwise_equal(out, model(x))
+
+
+def test_readme_onnx_example_runs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        exec(readme_example("Deploying"), {})
+    assert (tmp_path / "crelu.onnx").exists()
