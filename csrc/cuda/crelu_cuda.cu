@@ -133,8 +133,23 @@ struct ForwardBody {
   uint8_t* mask;  // nullptr: no mask wanted
   Extent<index_t> extent;
 
+  // The mask's last block may have units past the end; their bytes are
+  // zeroed, as the CPU kernels do, so the mask's bytes are the same on every
+  // device. Units past the end are visited for that only.
+  C10_HOST_DEVICE index_t units() const {
+    const index_t units = extent.units();
+    return mask == nullptr ? units
+                           : (units + kUnitsPerMaskBlock - 1) /
+                                 kUnitsPerMaskBlock * kUnitsPerMaskBlock;
+  }
+
   C10_HOST_DEVICE void operator()(index_t unit) const {
     const index_t flat = unit * kUnit;
+    if (flat >= extent.numel) {
+      mask[mask_byte(unit)] = 0;
+      mask[mask_byte(unit) + 4] = 0;
+      return;
+    }
     uint8_t pos_bits = 0, neg_bits = 0;
     if constexpr (kVectorized<Access>) {
       Unit<scalar_t> in, pos, neg;
@@ -163,15 +178,6 @@ struct ForwardBody {
     if (mask != nullptr) {
       mask[mask_byte(unit)] = pos_bits;
       mask[mask_byte(unit) + 4] = neg_bits;
-      // The last unit also zeroes the bytes of the units its mask block has
-      // past the end, as the CPU kernels do: the mask's bytes are the same on
-      // every device.
-      if (unit + 1 == extent.units()) {
-        for (index_t pad = unit + 1; pad % kUnitsPerMaskBlock != 0; ++pad) {
-          mask[mask_byte(pad)] = 0;
-          mask[mask_byte(pad) + 4] = 0;
-        }
-      }
     }
   }
 };
@@ -184,6 +190,8 @@ struct BackwardBody {
   const uint8_t* mask;
   scalar_t* grad_x;
   Extent<index_t> extent;
+
+  C10_HOST_DEVICE index_t units() const { return extent.units(); }
 
   C10_HOST_DEVICE void operator()(index_t unit) const {
     using acc_t = at::opmath_type<scalar_t>;
@@ -222,6 +230,8 @@ struct BackwardBackwardBody {
   scalar_t* out;
   Extent<index_t> extent;
 
+  C10_HOST_DEVICE index_t units() const { return extent.units(); }
+
   C10_HOST_DEVICE void operator()(index_t unit) const {
     using acc_t = at::opmath_type<scalar_t>;
     const index_t flat = unit * kUnit;
@@ -259,7 +269,7 @@ template <typename Body>
 C10_HOST_DEVICE inline void run_thread(const Body& body, uint32_t block,
                                        uint32_t thread, uint32_t blocks) {
   using index_t = typename Body::index_type;
-  const index_t units = body.extent.units();
+  const index_t units = body.units();
   const index_t stride = static_cast<index_t>(blocks) * kThreads;
   for (index_t unit = static_cast<index_t>(block) * kThreads + thread;
        unit < units; unit += stride) {
