@@ -23,6 +23,7 @@
 #include <torch/library.h>
 
 #include <cstdint>
+#include <string>
 
 namespace crelu_ext {
 
@@ -116,19 +117,22 @@ at::Tensor crelu_backward_backward_impl(MaskedKernel kernel,
 
 // Registers a device's kernels as its implementations of the three ops, e.g.
 // register_kernels<crelu_forward_cpu, ...>(m) in TORCH_LIBRARY_IMPL(..., CPU,
-// m).
+// m). A prefix names another set of ops with the same schemas (the CUDA
+// kernels' host emulation registers "emulated_crelu", ...).
 template <ForwardKernel kForward, MaskedKernel kBackward,
           MaskedKernel kBackwardBackward>
-void register_kernels(torch::Library& m) {
-  m.impl("crelu", [](const at::Tensor& x, int64_t dim, bool save_mask) {
-    return crelu_forward_impl(kForward, x, dim, save_mask);
-  });
-  m.impl("crelu_backward", [](const at::Tensor& grad_out,
-                              const at::Tensor& mask, int64_t dim,
-                              at::MemoryFormat memory_format) {
-    return crelu_backward_impl(kBackward, grad_out, mask, dim, memory_format);
-  });
-  m.impl("crelu_backward_backward",
+void register_kernels(torch::Library& m, const std::string& prefix = "") {
+  m.impl((prefix + "crelu").c_str(),
+         [](const at::Tensor& x, int64_t dim, bool save_mask) {
+           return crelu_forward_impl(kForward, x, dim, save_mask);
+         });
+  m.impl((prefix + "crelu_backward").c_str(),
+         [](const at::Tensor& grad_out, const at::Tensor& mask, int64_t dim,
+            at::MemoryFormat memory_format) {
+           return crelu_backward_impl(kBackward, grad_out, mask, dim,
+                                      memory_format);
+         });
+  m.impl((prefix + "crelu_backward_backward").c_str(),
          [](const at::Tensor& grad_grad_x, const at::Tensor& mask, int64_t dim,
             at::MemoryFormat memory_format) {
            return crelu_backward_backward_impl(kBackwardBackward, grad_grad_x,

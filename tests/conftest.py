@@ -1,18 +1,25 @@
+import functools
 import os
 
 import pytest
 import torch
 
 import crelu_ext
+from crelu_ext import _emulated
 
 # Backends under test on each device. A combination that cannot run here is
 # skipped with the reason; CI requires the native CPU kernels separately
 # (test_build.py), so a broken build cannot hide behind a skip.
 # triton-cpu runs in Triton's interpreter: `TRITON_INTERPRET=1 pytest -k triton-cpu`.
+# emulated-cpu runs the CUDA kernels' code on the host (crelu_ext/_emulated.py),
+# emulated64-cpu the same with 64-bit offsets forced; tests reach them through
+# crelu_ext.crelu(x, dim, backend=...) like any other backend.
 BACKEND_DEVICES = [
     ("native", "cpu"),
     ("triton", "cpu"),
     ("reference", "cpu"),
+    ("emulated", "cpu"),
+    ("emulated64", "cpu"),
     ("native", "cuda"),
     ("triton", "cuda"),
     ("reference", "cuda"),
@@ -24,11 +31,38 @@ def _param(backend, device):
     return pytest.param((backend, device), id=f"{backend}-{device}", marks=marks)
 
 
+# The private backends, by name: their index_bits for crelu_ext._emulated.crelu.
+EMULATED_INDEX_BITS = {"emulated": None, "emulated64": 64}
+
+
+def add_test_backend(monkeypatch, name, implementation):
+    """Lets crelu_ext.crelu(x, dim, backend=name), and CReLU(backend=name), run
+    implementation(x, dim) on CPU tensors until the test ends."""
+    backends = crelu_ext.backends
+    available = backends.available_backends
+
+    def with_test_backend(device=None):
+        on_cpu = torch.device("cpu" if device is None else device).type == "cpu"
+        return [*available(device), name] if on_cpu else available(device)
+
+    monkeypatch.setattr(backends, "BACKENDS", (*backends.BACKENDS, name))
+    monkeypatch.setitem(backends._IMPLEMENTATIONS, name, implementation)
+    monkeypatch.setattr(backends, "available_backends", with_test_backend)
+
+
 @pytest.fixture(params=[_param(b, d) for b, d in BACKEND_DEVICES])
-def backend_device(request):
+def backend_device(request, monkeypatch):
     backend, device = request.param
     if device == "cuda" and not torch.cuda.is_available():
         pytest.skip("no CUDA device")
+    if backend in EMULATED_INDEX_BITS:
+        if not _emulated.AVAILABLE:
+            pytest.skip(f"no emulated CUDA kernels: {_emulated.UNAVAILABLE_REASON}")
+        index_bits = EMULATED_INDEX_BITS[backend]
+        add_test_backend(
+            monkeypatch, backend, functools.partial(_emulated.crelu, index_bits=index_bits)
+        )
+        return backend, device
     if backend not in crelu_ext.available_backends(device):
         pytest.skip(f"{backend} is not available on {device}")
     return backend, device

@@ -6,6 +6,7 @@ import torch
 from helpers import assert_bitwise_equal, crelu_and_grad, make_input
 
 import crelu_ext
+from crelu_ext import _emulated
 
 pytestmark = [
     pytest.mark.cuda,
@@ -88,3 +89,26 @@ def test_more_than_2_pow_31_elements(cuda_backend):
     out = crelu_ext.crelu(x, 0, backend=cuda_backend)
     (grad_x,) = torch.autograd.grad(out, x, torch.ones_like(out))
     assert bool((grad_x[: numel // 2] == 1).all()) and bool((grad_x[numel // 2 :] == -1).all())
+
+
+@pytest.mark.skipif(not _emulated.AVAILABLE, reason="no emulated CUDA kernels")
+@pytest.mark.parametrize(
+    ("shape", "dim"), [((4, 64, 8, 8), 1), ((3, 37), 1), ((2, 5, 16), 2), ((1, 33), 0)], ids=str
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_the_gpu_gives_the_emulators_bytes(shape, dim, dtype):
+    # What CI checks on the host (tests/test_emulated.py) holds on the GPU:
+    # the same outputs and mask bytes, padding included.
+    ops = torch.ops.crelu_ext
+    x = make_input(shape, dtype)
+    out, mask = ops.crelu(x.cuda(), dim, True)
+    emulated_out, emulated_mask = ops.emulated_crelu(x, dim, True)
+    assert_bitwise_equal(out, emulated_out, "forward")
+    assert torch.equal(mask.cpu(), emulated_mask), "mask bytes differ"
+    grad_out = make_input(out.shape, dtype, seed=1)
+    fmt = torch.contiguous_format
+    assert_bitwise_equal(
+        ops.crelu_backward(grad_out.cuda(), mask, dim, fmt),
+        ops.emulated_crelu_backward(grad_out, emulated_mask, dim, fmt),
+        "backward",
+    )

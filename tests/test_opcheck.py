@@ -34,7 +34,12 @@ def forward_samples(device):
 
 
 # Each backend's three ops, by op name prefix.
-OP_PREFIX = {"native": "", "triton": "triton_"}
+OP_PREFIX = {
+    "native": "",
+    "triton": "triton_",
+    "emulated": "emulated_",
+    "emulated64": "emulated64_",
+}
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-// Fused CUDA kernels and their registration.
+// Fused CUDA kernels, their host emulation and their registration.
 //
 // Napkin math per input element: forward reads 1 and writes 2 (+ 2 mask
 // bits), backward reads 2 (+ 2 bits) and writes 1: pure bandwidth. Each
@@ -9,16 +9,29 @@
 // stores; otherwise (odd inner sizes, storage offsets, tails) the scalar path
 // places every element on its own. Offsets are 32-bit when the output fits,
 // 64-bit otherwise (the output has 2 * numel elements).
+//
+// Each kernel's work on one unit is a functor (ForwardBody, BackwardBody,
+// BackwardBackwardBody) compiled for host and device. On a GPU, crelu_kernel
+// runs it in a grid-stride loop. On the host, the grid emulator runs the same
+// loop for every (block, thread) of the same launch, one after another, and
+// registers the result as the CPU ops crelu_ext::emulated_crelu* (and
+// emulated64_crelu*, 64-bit offsets forced): so CI checks the index math, the
+// launch decisions and the mask bytes without a GPU (crelu_ext/_emulated.py).
 #include <ATen/OpMathType.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/util/Exception.h>
 #include <torch/library.h>
 
 #include <ATen/cuda/detail/IntegerDivider.cuh>
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <limits>
+#include <string>
+#include <tuple>
+#include <type_traits>
 
 #include "../crelu.h"
 
@@ -27,70 +40,118 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int kUnit = 8;  // elements per thread step: one byte of mask word
+constexpr int kUnitsPerMaskBlock = kMaskBlock / kUnit;
+// Enough blocks to fill every SM several times over; the loop strides on.
+constexpr int64_t kBlocksPerSm = 32;
+// The host has no device to ask for its SM count: the emulator plans for an
+// H100 SXM / H200 (132 SMs), the GPUs this project is checked on.
+constexpr int kEmulatedSms = 132;
 
+// IntDivider<uint32_t> divides with __umulhi and a 32-bit add on the device
+// and with 64-bit arithmetic on the host; the two agree for dividends below
+// 2^31, which 32-bit launches guarantee (2 * numel <= INT32_MAX).
 using at::cuda::detail::IntDivider;
 
-// The byte of the pos word that holds unit u's bits; the neg byte is 4 on.
-template <typename index_t>
-__device__ __forceinline__ index_t mask_byte(index_t unit) {
-  return (unit / 4) * kMaskBlockBytes + unit % 4;
+// How a kernel moves a unit. Tag types rather than a bool so that each
+// kernel's name says it: benchmarks/cuda_codegen.py checks that the
+// VectorAccess kernels use 128-bit loads and stores.
+struct VectorAccess {};
+struct ScalarAccess {};
+
+C10_HOST_DEVICE inline bool is_aligned_16(const void* p) {
+  return reinterpret_cast<uintptr_t>(p) % 16 == 0;
+}
+
+// Copies `kBytes` between 16-byte aligned addresses as 128-bit words. On the
+// host (the emulator) the alignment a GPU would fault on is checked, and the
+// bytes move with memcpy, which is what the reinterpret means.
+template <int kBytes>
+C10_HOST_DEVICE inline void copy_128bit(const void* from, void* to) {
+  static_assert(kBytes % 16 == 0);
+#if defined(__CUDA_ARCH__)
+  const uint4* src = static_cast<const uint4*>(from);
+  uint4* dst = static_cast<uint4*>(to);
+#pragma unroll
+  for (int c = 0; c < kBytes / 16; ++c) {
+    dst[c] = src[c];
+  }
+#else
+  TORCH_INTERNAL_ASSERT(is_aligned_16(from) && is_aligned_16(to),
+                        "crelu_ext: emulated 128-bit access at an address "
+                        "that is not 16-byte aligned");
+  std::memcpy(to, from, kBytes);
+#endif
 }
 
 // A unit of 8 elements, moved as 128-bit words.
 template <typename scalar_t>
 struct alignas(16) Unit {
   scalar_t v[kUnit];
-  static_assert(sizeof(scalar_t) * kUnit % 16 == 0);
 
-  __device__ __forceinline__ void load(const scalar_t* p) {
-    const uint4* src = reinterpret_cast<const uint4*>(p);
-    uint4* dst = reinterpret_cast<uint4*>(v);
-#pragma unroll
-    for (int c = 0; c < static_cast<int>(sizeof(v) / 16); ++c) {
-      dst[c] = src[c];
-    }
-  }
-  __device__ __forceinline__ void store(scalar_t* p) const {
-    const uint4* src = reinterpret_cast<const uint4*>(v);
-    uint4* dst = reinterpret_cast<uint4*>(p);
-#pragma unroll
-    for (int c = 0; c < static_cast<int>(sizeof(v) / 16); ++c) {
-      dst[c] = src[c];
-    }
+  C10_HOST_DEVICE void load(const scalar_t* p) { copy_128bit<sizeof(v)>(p, v); }
+  C10_HOST_DEVICE void store(scalar_t* p) const {
+    copy_128bit<sizeof(v)>(v, p);
   }
 };
 
-// Grid-stride loop over units; `body(unit, flat, count)`.
-template <typename index_t, typename Body>
-__device__ __forceinline__ void for_each_unit(index_t numel, Body body) {
-  const index_t units = (numel + kUnit - 1) / kUnit;
-  const index_t stride = static_cast<index_t>(gridDim.x) * blockDim.x;
-  for (index_t unit =
-           static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-       unit < units; unit += stride) {
-    const index_t flat = unit * kUnit;
-    const int count = static_cast<int>(
-        numel - flat < index_t(kUnit) ? numel - flat : index_t(kUnit));
-    body(unit, flat, count);
-  }
-}
-
-// Offset of element `flat`'s relu(x) half in [outer, 2, inner].
+// The byte of the pos word that holds unit u's bits; the neg byte is 4 on.
 template <typename index_t>
-__device__ __forceinline__ index_t
-pair_offset(index_t flat, const IntDivider<index_t>& inner) {
-  const auto qr = inner.divmod(flat);
-  return qr.div * 2 * inner.divisor + qr.mod;
+C10_HOST_DEVICE inline index_t mask_byte(index_t unit) {
+  return (unit / kUnitsPerMaskBlock) * kMaskBlockBytes +
+         unit % kUnitsPerMaskBlock;
 }
 
-template <typename scalar_t, typename index_t, bool kVectorized>
-__global__ void crelu_forward_kernel(const scalar_t* __restrict__ x,
-                                     scalar_t* __restrict__ out,
-                                     uint8_t* __restrict__ mask, index_t numel,
-                                     IntDivider<index_t> inner) {
-  for_each_unit(numel, [&](index_t unit, index_t flat, int count) {
+// The elements a launch covers: numel of them, in rows of `inner`.
+template <typename index_t>
+struct Extent {
+  index_t numel;
+  IntDivider<index_t> inner;
+
+  C10_HOST_DEVICE index_t units() const { return (numel + kUnit - 1) / kUnit; }
+  // The elements of the unit that starts at `flat`: 8, or fewer in the tail.
+  C10_HOST_DEVICE int count(index_t flat) const {
+    return static_cast<int>(numel - flat < index_t(kUnit) ? numel - flat
+                                                          : index_t(kUnit));
+  }
+  // Offset of element `flat`'s relu(x) half in [outer, 2, inner]; its relu(-x)
+  // half is inner.divisor on.
+  C10_HOST_DEVICE index_t pair_offset(index_t flat) const {
+    const auto qr = inner.divmod(flat);
+    return qr.div * 2 * inner.divisor + qr.mod;
+  }
+};
+
+template <typename Access>
+constexpr bool kVectorized = std::is_same_v<Access, VectorAccess>;
+
+// x: [outer, inner] -> out: [outer, 2, inner] and the unit's mask bytes.
+template <typename scalar_t, typename index_t, typename Access>
+struct ForwardBody {
+  using index_type = index_t;
+  const scalar_t* x;
+  scalar_t* out;
+  uint8_t* mask;  // nullptr: no mask wanted
+  Extent<index_t> extent;
+
+  // The mask's last block may have units past the end; their bytes are
+  // zeroed, as the CPU kernels do, so the mask's bytes are the same on every
+  // device. Units past the end are visited for that only.
+  C10_HOST_DEVICE index_t units() const {
+    const index_t units = extent.units();
+    return mask == nullptr ? units
+                           : (units + kUnitsPerMaskBlock - 1) /
+                                 kUnitsPerMaskBlock * kUnitsPerMaskBlock;
+  }
+
+  C10_HOST_DEVICE void operator()(index_t unit) const {
+    const index_t flat = unit * kUnit;
+    if (flat >= extent.numel) {
+      mask[mask_byte(unit)] = 0;
+      mask[mask_byte(unit) + 4] = 0;
+      return;
+    }
     uint8_t pos_bits = 0, neg_bits = 0;
-    if constexpr (kVectorized) {
+    if constexpr (kVectorized<Access>) {
       Unit<scalar_t> in, pos, neg;
       in.load(x + flat);
 #pragma unroll
@@ -100,43 +161,48 @@ __global__ void crelu_forward_kernel(const scalar_t* __restrict__ x,
         pos_bits |= passes_pos(in.v[e]) << e;
         neg_bits |= passes_neg(in.v[e]) << e;
       }
-      scalar_t* dst = out + pair_offset(flat, inner);
+      scalar_t* dst = out + extent.pair_offset(flat);
       pos.store(dst);
-      neg.store(dst + inner.divisor);
+      neg.store(dst + extent.inner.divisor);
     } else {
+      const int count = extent.count(flat);
       for (int e = 0; e < count; ++e) {
         const scalar_t v = x[flat + e];
-        scalar_t* dst = out + pair_offset<index_t>(flat + e, inner);
+        scalar_t* dst = out + extent.pair_offset(flat + e);
         dst[0] = relu_pos(v);
-        dst[inner.divisor] = relu_neg(v);
+        dst[extent.inner.divisor] = relu_neg(v);
         pos_bits |= passes_pos(v) << e;
         neg_bits |= passes_neg(v) << e;
       }
     }
     if (mask != nullptr) {
-      const index_t byte = mask_byte(unit);
-      mask[byte] = pos_bits;
-      mask[byte + 4] = neg_bits;
+      mask[mask_byte(unit)] = pos_bits;
+      mask[mask_byte(unit) + 4] = neg_bits;
     }
-  });
-}
+  }
+};
 
-template <typename scalar_t, typename index_t, bool kVectorized>
-__global__ void crelu_backward_kernel(const scalar_t* __restrict__ grad_out,
-                                      const uint8_t* __restrict__ mask,
-                                      scalar_t* __restrict__ grad_x,
-                                      index_t numel,
-                                      IntDivider<index_t> inner) {
-  using acc_t = at::opmath_type<scalar_t>;
-  for_each_unit(numel, [&](index_t unit, index_t flat, int count) {
-    const index_t byte = mask_byte(unit);
-    const uint8_t pos_bits = mask[byte];
-    const uint8_t neg_bits = mask[byte + 4];
-    if constexpr (kVectorized) {
+// grad_out: [outer, 2, inner] -> grad_x: [outer, inner]
+template <typename scalar_t, typename index_t, typename Access>
+struct BackwardBody {
+  using index_type = index_t;
+  const scalar_t* grad_out;
+  const uint8_t* mask;
+  scalar_t* grad_x;
+  Extent<index_t> extent;
+
+  C10_HOST_DEVICE index_t units() const { return extent.units(); }
+
+  C10_HOST_DEVICE void operator()(index_t unit) const {
+    using acc_t = at::opmath_type<scalar_t>;
+    const index_t flat = unit * kUnit;
+    const uint8_t pos_bits = mask[mask_byte(unit)];
+    const uint8_t neg_bits = mask[mask_byte(unit) + 4];
+    if constexpr (kVectorized<Access>) {
       Unit<scalar_t> g1, g2, result;
-      const scalar_t* src = grad_out + pair_offset(flat, inner);
+      const scalar_t* src = grad_out + extent.pair_offset(flat);
       g1.load(src);
-      g2.load(src + inner.divisor);
+      g2.load(src + extent.inner.divisor);
 #pragma unroll
       for (int e = 0; e < kUnit; ++e) {
         result.v[e] = static_cast<scalar_t>(crelu_grad<acc_t>(
@@ -144,26 +210,34 @@ __global__ void crelu_backward_kernel(const scalar_t* __restrict__ grad_out,
       }
       result.store(grad_x + flat);
     } else {
+      const int count = extent.count(flat);
       for (int e = 0; e < count; ++e) {
-        const scalar_t* src = grad_out + pair_offset<index_t>(flat + e, inner);
+        const scalar_t* src = grad_out + extent.pair_offset(flat + e);
         grad_x[flat + e] = static_cast<scalar_t>(
-            crelu_grad<acc_t>(src[0], src[inner.divisor], (pos_bits >> e) & 1,
-                              (neg_bits >> e) & 1));
+            crelu_grad<acc_t>(src[0], src[extent.inner.divisor],
+                              (pos_bits >> e) & 1, (neg_bits >> e) & 1));
       }
     }
-  });
-}
+  }
+};
 
-template <typename scalar_t, typename index_t, bool kVectorized>
-__global__ void crelu_backward_backward_kernel(
-    const scalar_t* __restrict__ grad_grad_x, const uint8_t* __restrict__ mask,
-    scalar_t* __restrict__ out, index_t numel, IntDivider<index_t> inner) {
-  using acc_t = at::opmath_type<scalar_t>;
-  for_each_unit(numel, [&](index_t unit, index_t flat, int count) {
-    const index_t byte = mask_byte(unit);
-    const uint8_t pos_bits = mask[byte];
-    const uint8_t neg_bits = mask[byte + 4];
-    if constexpr (kVectorized) {
+// grad_grad_x: [outer, inner] -> out: [outer, 2, inner]
+template <typename scalar_t, typename index_t, typename Access>
+struct BackwardBackwardBody {
+  using index_type = index_t;
+  const scalar_t* grad_grad_x;
+  const uint8_t* mask;
+  scalar_t* out;
+  Extent<index_t> extent;
+
+  C10_HOST_DEVICE index_t units() const { return extent.units(); }
+
+  C10_HOST_DEVICE void operator()(index_t unit) const {
+    using acc_t = at::opmath_type<scalar_t>;
+    const index_t flat = unit * kUnit;
+    const uint8_t pos_bits = mask[mask_byte(unit)];
+    const uint8_t neg_bits = mask[mask_byte(unit) + 4];
+    if constexpr (kVectorized<Access>) {
       Unit<scalar_t> g, pos, neg;
       g.load(grad_grad_x + flat);
 #pragma unroll
@@ -173,83 +247,140 @@ __global__ void crelu_backward_backward_kernel(
         neg.v[e] = static_cast<scalar_t>(
             crelu_grad_grad_neg<acc_t>(g.v[e], (neg_bits >> e) & 1));
       }
-      scalar_t* dst = out + pair_offset(flat, inner);
+      scalar_t* dst = out + extent.pair_offset(flat);
       pos.store(dst);
-      neg.store(dst + inner.divisor);
+      neg.store(dst + extent.inner.divisor);
     } else {
+      const int count = extent.count(flat);
       for (int e = 0; e < count; ++e) {
         const acc_t g = grad_grad_x[flat + e];
-        scalar_t* dst = out + pair_offset<index_t>(flat + e, inner);
+        scalar_t* dst = out + extent.pair_offset(flat + e);
         dst[0] = static_cast<scalar_t>(
             crelu_grad_grad_pos<acc_t>(g, (pos_bits >> e) & 1));
-        dst[inner.divisor] = static_cast<scalar_t>(
+        dst[extent.inner.divisor] = static_cast<scalar_t>(
             crelu_grad_grad_neg<acc_t>(g, (neg_bits >> e) & 1));
       }
     }
-  });
-}
-
-bool is_aligned_16(const void* p) {
-  return reinterpret_cast<uintptr_t>(p) % 16 == 0;
-}
-
-// Picks 32- or 64-bit offsets and the vectorized or scalar path, then
-// launches `Kernel<scalar_t, index_t, vectorized>` on the current stream.
-// Launches never synchronize the host, so they can be captured in graphs.
-template <template <typename, typename, bool> class KernelOf, typename scalar_t,
-          typename... Pointers>
-void launch(const at::Tensor& any_input, int64_t numel, int64_t inner,
-            Pointers... pointers) {
-  const c10::cuda::CUDAGuard guard(any_input.device());
-  const bool vectorized =
-      inner % kUnit == 0 && (is_aligned_16(pointers) && ...);
-  const int64_t units = (numel + kUnit - 1) / kUnit;
-  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  // Enough blocks to fill every SM several times over; the loop strides on.
-  const int64_t blocks =
-      std::min<int64_t>((units + kThreads - 1) / kThreads, int64_t{sms} * 32);
-  const auto stream = at::cuda::getCurrentCUDAStream();
-  const bool index32 =
-      2 * numel <= static_cast<int64_t>(std::numeric_limits<int32_t>::max());
-  auto go = [&](auto index_zero, auto vectorized_tag) {
-    using index_t = decltype(index_zero);
-    KernelOf<scalar_t, index_t, decltype(vectorized_tag)::value>::launch(
-        blocks, stream, pointers..., static_cast<index_t>(numel),
-        IntDivider<index_t>(static_cast<index_t>(inner)));
-  };
-  if (index32) {
-    vectorized ? go(uint32_t{}, std::true_type{})
-               : go(uint32_t{}, std::false_type{});
-  } else {
-    vectorized ? go(uint64_t{}, std::true_type{})
-               : go(uint64_t{}, std::false_type{});
   }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+};
+
+// One thread's share of a launch of `blocks` blocks: the grid-stride loop.
+template <typename Body>
+C10_HOST_DEVICE inline void run_thread(const Body& body, uint32_t block,
+                                       uint32_t thread, uint32_t blocks) {
+  using index_t = typename Body::index_type;
+  const index_t units = body.units();
+  const index_t stride = static_cast<index_t>(blocks) * kThreads;
+  for (index_t unit = static_cast<index_t>(block) * kThreads + thread;
+       unit < units; unit += stride) {
+    body(unit);
+  }
 }
 
-#define CRELU_EXT_KERNEL_LAUNCHER(NAME, KERNEL)                             \
-  template <typename scalar_t, typename index_t, bool kVectorized>          \
-  struct NAME {                                                             \
-    template <typename... Args>                                             \
-    static void launch(int64_t blocks, cudaStream_t stream, Args... args) { \
-      KERNEL<scalar_t, index_t, kVectorized>                                \
-          <<<blocks, kThreads, 0, stream>>>(args...);                       \
-    }                                                                       \
+// The pointers are the kernel's own __restrict__ parameters, not members of a
+// body passed in, so that the inputs are read through the read-only data cache
+// (LDG.E.*.CONSTANT) as they are when each kernel is written out by hand.
+template <typename Body, typename... Pointers>
+__global__ void crelu_kernel(Extent<typename Body::index_type> extent,
+                             Pointers __restrict__... pointers) {
+  run_thread(Body{pointers..., extent}, blockIdx.x, threadIdx.x, gridDim.x);
+}
+
+// What launch() decides before it launches.
+struct LaunchPlan {
+  bool vectorized;
+  bool index32;
+  int64_t blocks;
+};
+
+template <typename... Pointers>
+LaunchPlan plan_launch(int64_t numel, int64_t inner, int sms, bool force_64bit,
+                       Pointers... pointers) {
+  const int64_t units = (numel + kUnit - 1) / kUnit;
+  return {
+      inner % kUnit == 0 && (is_aligned_16(pointers) && ...),
+      !force_64bit && 2 * numel <= static_cast<int64_t>(
+                                       std::numeric_limits<int32_t>::max()),
+      std::min<int64_t>((units + kThreads - 1) / kThreads, sms * kBlocksPerSm),
   };
+}
 
-CRELU_EXT_KERNEL_LAUNCHER(ForwardLauncher, crelu_forward_kernel)
-CRELU_EXT_KERNEL_LAUNCHER(BackwardLauncher, crelu_backward_kernel)
-CRELU_EXT_KERNEL_LAUNCHER(BackwardBackwardLauncher,
-                          crelu_backward_backward_kernel)
-#undef CRELU_EXT_KERNEL_LAUNCHER
+// Calls run(body) with the body `plan` picks: BodyOf<scalar_t, uint32_t or
+// uint64_t, VectorAccess or ScalarAccess>{pointers..., extent}.
+template <template <typename, typename, typename> class BodyOf,
+          typename scalar_t, typename Run, typename... Pointers>
+void with_body(const LaunchPlan& plan, int64_t numel, int64_t inner, Run run,
+               Pointers... pointers) {
+  auto go = [&](auto index_zero, auto access) {
+    using index_t = decltype(index_zero);
+    run(BodyOf<scalar_t, index_t, decltype(access)>{
+        pointers...,
+        Extent<index_t>{static_cast<index_t>(numel),
+                        IntDivider<index_t>(static_cast<index_t>(inner))}});
+  };
+  if (plan.index32) {
+    plan.vectorized ? go(uint32_t{}, VectorAccess{})
+                    : go(uint32_t{}, ScalarAccess{});
+  } else {
+    plan.vectorized ? go(uint64_t{}, VectorAccess{})
+                    : go(uint64_t{}, ScalarAccess{});
+  }
+}
 
-}  // namespace
+// Runs the kernels on the tensors' GPU, on its current stream. Launches never
+// synchronize the host, so they can be captured in graphs.
+struct OnGpu {
+  template <template <typename, typename, typename> class BodyOf,
+            typename scalar_t, typename... Pointers>
+  static void run(const at::Tensor& any_input, int64_t numel, int64_t inner,
+                  Pointers... pointers) {
+    const c10::cuda::CUDAGuard guard(any_input.device());
+    const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+    const LaunchPlan plan =
+        plan_launch(numel, inner, sms, /*force_64bit=*/false, pointers...);
+    const auto stream = at::cuda::getCurrentCUDAStream();
+    with_body<BodyOf, scalar_t>(
+        plan, numel, inner,
+        [&](const auto& body) {
+          using Body = std::decay_t<decltype(body)>;
+          crelu_kernel<Body>
+              <<<plan.blocks, kThreads, 0, stream>>>(body.extent, pointers...);
+        },
+        pointers...);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+};
+
+// The grid emulator: the launch OnGpu would make on a GPU of kEmulatedSms
+// SMs, run on the host one (block, thread) after another. No CUDA call.
+template <bool kForce64bit>
+struct OnHostEmulator {
+  template <template <typename, typename, typename> class BodyOf,
+            typename scalar_t, typename... Pointers>
+  static void run(const at::Tensor& /*any_input*/, int64_t numel, int64_t inner,
+                  Pointers... pointers) {
+    const LaunchPlan plan =
+        plan_launch(numel, inner, kEmulatedSms, kForce64bit, pointers...);
+    with_body<BodyOf, scalar_t>(
+        plan, numel, inner,
+        [&](const auto& body) {
+          for (uint32_t block = 0; block < plan.blocks; ++block) {
+            for (uint32_t thread = 0; thread < kThreads; ++thread) {
+              run_thread(body, block, thread,
+                         static_cast<uint32_t>(plan.blocks));
+            }
+          }
+        },
+        pointers...);
+  }
+};
 
 // x: [outer, inner] -> out: [outer, 2, inner] (+ mask)
-void crelu_forward_cuda(const at::Tensor& x, const LayoutPlan& plan,
-                        at::Tensor& out, at::Tensor& mask) {
+template <typename Device>
+void crelu_forward(const at::Tensor& x, const LayoutPlan& plan, at::Tensor& out,
+                   at::Tensor& mask) {
   CRELU_EXT_DISPATCH_FLOATS(x.scalar_type(), "crelu_forward_cuda", [&] {
-    launch<ForwardLauncher, scalar_t>(
+    Device::template run<ForwardBody, scalar_t>(
         x, x.numel(), plan.inner, x.const_data_ptr<scalar_t>(),
         out.data_ptr<scalar_t>(),
         mask.defined() ? mask.data_ptr<uint8_t>() : nullptr);
@@ -257,32 +388,119 @@ void crelu_forward_cuda(const at::Tensor& x, const LayoutPlan& plan,
 }
 
 // grad_out: [outer, 2, inner] -> grad_x: [outer, inner]
-void crelu_backward_cuda(const at::Tensor& grad_out, const at::Tensor& mask,
-                         const LayoutPlan& plan, at::Tensor& grad_x) {
+template <typename Device>
+void crelu_backward(const at::Tensor& grad_out, const at::Tensor& mask,
+                    const LayoutPlan& plan, at::Tensor& grad_x) {
   CRELU_EXT_DISPATCH_FLOATS(grad_x.scalar_type(), "crelu_backward_cuda", [&] {
-    launch<BackwardLauncher, scalar_t>(grad_out, grad_x.numel(), plan.inner,
-                                       grad_out.const_data_ptr<scalar_t>(),
-                                       mask.const_data_ptr<uint8_t>(),
-                                       grad_x.data_ptr<scalar_t>());
+    Device::template run<BackwardBody, scalar_t>(
+        grad_out, grad_x.numel(), plan.inner,
+        grad_out.const_data_ptr<scalar_t>(), mask.const_data_ptr<uint8_t>(),
+        grad_x.data_ptr<scalar_t>());
   });
 }
 
 // grad_grad_x: [outer, inner] -> out: [outer, 2, inner]
-void crelu_backward_backward_cuda(const at::Tensor& grad_grad_x,
-                                  const at::Tensor& mask,
-                                  const LayoutPlan& plan, at::Tensor& out) {
+template <typename Device>
+void crelu_backward_backward(const at::Tensor& grad_grad_x,
+                             const at::Tensor& mask, const LayoutPlan& plan,
+                             at::Tensor& out) {
   CRELU_EXT_DISPATCH_FLOATS(
       grad_grad_x.scalar_type(), "crelu_backward_backward_cuda", [&] {
-        launch<BackwardBackwardLauncher, scalar_t>(
+        Device::template run<BackwardBackwardBody, scalar_t>(
             grad_grad_x, grad_grad_x.numel(), plan.inner,
             grad_grad_x.const_data_ptr<scalar_t>(),
             mask.const_data_ptr<uint8_t>(), out.data_ptr<scalar_t>());
       });
 }
 
+// ---- the emulated ops ----
+// Their outputs are filled with 0xFF bytes (NaN in every dtype) before the
+// emulated launch: an element or mask byte that no thread writes shows up,
+// where a GPU would leave whatever the allocator gave.
+
+void poison(at::Tensor& t) {
+  if (t.defined()) {
+    std::memset(t.data_ptr(), 0xFF, t.nbytes());
+  }
+}
+
+template <bool kForce64bit>
+void emulated_forward(const at::Tensor& x, const LayoutPlan& plan,
+                      at::Tensor& out, at::Tensor& mask) {
+  poison(out);
+  poison(mask);
+  crelu_forward<OnHostEmulator<kForce64bit>>(x, plan, out, mask);
+}
+
+template <bool kForce64bit>
+void emulated_backward(const at::Tensor& grad_out, const at::Tensor& mask,
+                       const LayoutPlan& plan, at::Tensor& grad_x) {
+  poison(grad_x);
+  crelu_backward<OnHostEmulator<kForce64bit>>(grad_out, mask, plan, grad_x);
+}
+
+template <bool kForce64bit>
+void emulated_backward_backward(const at::Tensor& grad_grad_x,
+                                const at::Tensor& mask, const LayoutPlan& plan,
+                                at::Tensor& out) {
+  poison(out);
+  crelu_backward_backward<OnHostEmulator<kForce64bit>>(grad_grad_x, mask, plan,
+                                                       out);
+}
+
+// The launch the emulator plans for `numel` elements in rows of `inner` when
+// its pointers are (or are not) 16-byte aligned: (vectorized, index bits,
+// blocks). Lets tests check the decisions on sizes too large to run.
+std::tuple<bool, int64_t, int64_t> emulated_launch_plan(int64_t numel,
+                                                        int64_t inner,
+                                                        bool aligned,
+                                                        bool force_64bit) {
+  const void* pointer = aligned ? nullptr : reinterpret_cast<const void*>(1);
+  const LaunchPlan plan =
+      plan_launch(numel, inner, kEmulatedSms, force_64bit, pointer);
+  return {plan.vectorized, plan.index32 ? 32 : 64, plan.blocks};
+}
+
+// The emulated ops: the native ops' schemas (csrc/ops.cpp) under these
+// prefixes; tests/test_emulated.py checks that the two stay the same.
+constexpr const char* kEmulatedPrefix = "emulated_";
+constexpr const char* kEmulated64Prefix = "emulated64_";
+
+}  // namespace
+
 TORCH_LIBRARY_IMPL(crelu_ext, CUDA, m) {
-  register_kernels<crelu_forward_cuda, crelu_backward_cuda,
-                   crelu_backward_backward_cuda>(m);
+  register_kernels<crelu_forward<OnGpu>, crelu_backward<OnGpu>,
+                   crelu_backward_backward<OnGpu>>(m);
+}
+
+TORCH_LIBRARY_FRAGMENT(crelu_ext, m) {
+  const std::vector<at::Tag> tags{at::Tag::pt2_compliant_tag};
+  for (const std::string prefix : {kEmulatedPrefix, kEmulated64Prefix}) {
+    m.def((prefix + "crelu(Tensor x, int dim, bool save_mask) -> "
+                    "(Tensor, Tensor)")
+              .c_str(),
+          tags);
+    m.def((prefix + "crelu_backward(Tensor grad_out, Tensor mask, int dim, "
+                    "MemoryFormat memory_format) -> Tensor")
+              .c_str(),
+          tags);
+    m.def((prefix +
+           "crelu_backward_backward(Tensor grad_grad_x, Tensor mask, int dim, "
+           "MemoryFormat memory_format) -> Tensor")
+              .c_str(),
+          tags);
+  }
+  m.def(
+      "emulated_launch_plan(int numel, int inner, bool aligned, "
+      "bool force_64bit) -> (bool, int, int)",
+      &emulated_launch_plan);
+}
+
+TORCH_LIBRARY_IMPL(crelu_ext, CPU, m) {
+  register_kernels<emulated_forward<false>, emulated_backward<false>,
+                   emulated_backward_backward<false>>(m, kEmulatedPrefix);
+  register_kernels<emulated_forward<true>, emulated_backward<true>,
+                   emulated_backward_backward<true>>(m, kEmulated64Prefix);
 }
 
 }  // namespace crelu_ext
