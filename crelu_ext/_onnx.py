@@ -28,8 +28,9 @@ from . import ops, triton_kernels  # noqa: F401  (they define the ops registered
 from ._layout import MASK_BLOCK, memory_order, output_memory_format
 
 # The forward ops ``(x, dim, save_mask) -> (out, mask)`` of the backends that
-# have compiled or Triton kernels; the reference backend is the composition.
-FORWARD_OPS = ("crelu", "triton_crelu")
+# have compiled or Triton kernels (and the host-emulated CUDA kernels, which
+# tests export like any backend); the reference backend is the composition.
+FORWARD_OPS = ("crelu", "triton_crelu", "emulated_crelu", "emulated64_crelu")
 ONNX_OPSET = 11  # from which on Concat takes a negative axis
 
 
