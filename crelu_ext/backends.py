@@ -52,7 +52,7 @@ def select_backend(backend: str, device: torch.device) -> str:
     if requested not in available:
         reason = ""
         if requested == "native" and ops.NATIVE_IMPORT_ERROR is not None:
-            reason = f" (the compiled extension did not load: {ops.NATIVE_IMPORT_ERROR})"
+            reason = f" ({ops.native_unavailable_reason()})"
         elif requested == "triton" and triton_kernels.TRITON_IMPORT_ERROR is not None:
             reason = f" (triton did not import: {triton_kernels.TRITON_IMPORT_ERROR})"
         elif requested == "triton" and device.type == "cpu":
@@ -64,9 +64,24 @@ def select_backend(backend: str, device: torch.device) -> str:
     return requested
 
 
+# (backend, $CRELU_EXT_BACKEND for "auto", device type) -> the backend it
+# resolves to: the available backends are fixed once the package has loaded.
+_SELECTED: dict[tuple[str, str | None, str], str] = {}
+
+
 def crelu(x: torch.Tensor, dim: int = 1, backend: str = "auto") -> torch.Tensor:
     """CReLU, ``cat([relu(x), relu(-x)], dim)``, bitwise equal to
     :func:`crelu_ext.reference.crelu` forward and backward, in one fused pass
     that saves only 2 bits per element for backward."""
-    dim = check_input(x, dim)
-    return _IMPLEMENTATIONS[select_backend(backend, x.device)](x, dim)
+    override = os.environ.get(ENV_VAR) if backend == "auto" else None
+    try:
+        key = (backend, override, x.device.type)
+    except AttributeError:
+        check_input(x, dim)  # not a tensor: the API's message
+        raise
+    selected = _SELECTED.get(key)
+    if selected is None:
+        # Raises for a backend unavailable on the device; one that resolves is kept.
+        selected = _SELECTED[key] = select_backend(backend, x.device)
+    # Each backend checks its input once (the native op in C++).
+    return _IMPLEMENTATIONS[selected](x, dim)
