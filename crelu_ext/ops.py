@@ -74,7 +74,7 @@ def crelu(x: torch.Tensor, dim: int) -> torch.Tensor:
     """The native forward. The op checks its input and, under autograd, writes
     the mask that the backward needs (csrc/autograd.cpp)."""
     try:
-        return torch.ops.crelu_ext.crelu(x, dim, False)[0]
+        return torch.ops.crelu_ext.crelu.default(x, dim, False)[0]
     except (TypeError, RuntimeError):
         # The Python API's message for a non-tensor, a non-int dim or a dtype.
         check_input(x, dim)

@@ -111,6 +111,4 @@ def test_missing_compiled_part_says_how_to_fix_it(tmp_path, installed_build):
     assert "backend 'native' is not available" in message
     assert "no compiled part" in message and "pip install -e ." in message
     assert "circular" not in message
-    assert ("outside the checkout" in message) and (
-        ("installed at" in message) == installed_build
-    )
+    assert ("outside the checkout" in message) and (("installed at" in message) == installed_build)
