@@ -16,7 +16,7 @@ its forward with :func:`call_forward`.
 import torch
 from torch.autograd import forward_ad
 
-from ._layout import output_memory_format
+from ._layout import check_input, output_memory_format
 
 # Forward op (packet and default overload) -> its autograd.Function.
 _FUNCTIONS: dict = {}
@@ -38,6 +38,7 @@ def call_forward(forward_op, x: torch.Tensor, dim: int) -> torch.Tensor:
     it. Under forward mode or a torch.func transform it goes through the op's
     autograd.Function, which has their rules; otherwise (and under torch.compile,
     which traces the op) the op's own reverse-mode autograd serves."""
+    check_input(x, dim)  # errors named after crelu_ext.crelu, not the backend's op
     if torch.compiler.is_compiling() or (
         forward_ad._current_level < 0 and torch._C._functorch.maybe_current_level() is None
     ):

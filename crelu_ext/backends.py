@@ -77,9 +77,10 @@ def _backend_override() -> str | None:
     return None if value is None else os.environ.decodevalue(value)
 
 
-# (backend, $CRELU_EXT_BACKEND for "auto", device type) -> the backend it
-# resolves to: the available backends are fixed once the package has loaded.
-_SELECTED: dict[tuple[str, str | None, str], str] = {}
+# (backend, $CRELU_EXT_BACKEND for "auto", device) -> the backend it resolves
+# to: the available backends are fixed once the package has loaded. Keyed by
+# the device, as reading its type builds a string on every call.
+_SELECTED: dict[tuple[str, str | None, torch.device], str] = {}
 
 
 def crelu(x: torch.Tensor, dim: int = 1, backend: str = "auto") -> torch.Tensor:
@@ -88,7 +89,7 @@ def crelu(x: torch.Tensor, dim: int = 1, backend: str = "auto") -> torch.Tensor:
     that saves only 2 bits per element for backward."""
     override = _backend_override() if backend == "auto" else None
     try:
-        key = (backend, override, x.device.type)
+        key = (backend, override, x.device)
     except AttributeError:
         check_input(x, dim)  # not a tensor: the API's message
         raise
