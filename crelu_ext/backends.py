@@ -14,6 +14,11 @@ from ._layout import check_input
 
 BACKENDS = ("native", "triton", "reference")
 ENV_VAR = "CRELU_EXT_BACKEND"
+# os.environ.get raises and catches a KeyError when the variable is unset, which
+# costs more than the whole op at small sizes; os.environ's own dict, which it
+# keeps up to date, answers the same without.
+_ENVIRON_DATA = os.environ._data
+_ENV_KEY = os.environ.encodekey(ENV_VAR)
 
 _IMPLEMENTATIONS = {
     "native": ops.crelu,
@@ -52,7 +57,7 @@ def select_backend(backend: str, device: torch.device) -> str:
     if requested not in available:
         reason = ""
         if requested == "native" and ops.NATIVE_IMPORT_ERROR is not None:
-            reason = f" (the compiled extension did not load: {ops.NATIVE_IMPORT_ERROR})"
+            reason = f" ({ops.native_unavailable_reason()})"
         elif requested == "triton" and triton_kernels.TRITON_IMPORT_ERROR is not None:
             reason = f" (triton did not import: {triton_kernels.TRITON_IMPORT_ERROR})"
         elif requested == "triton" and device.type == "cpu":
@@ -64,9 +69,33 @@ def select_backend(backend: str, device: torch.device) -> str:
     return requested
 
 
+def _backend_override() -> str | None:
+    """$CRELU_EXT_BACKEND, read on every call."""
+    if torch.compiler.is_compiling():
+        return os.environ.get(ENV_VAR)
+    value = _ENVIRON_DATA.get(_ENV_KEY)
+    return None if value is None else os.environ.decodevalue(value)
+
+
+# (backend, $CRELU_EXT_BACKEND for "auto", device) -> the backend it resolves
+# to: the available backends are fixed once the package has loaded. Keyed by
+# the device, as reading its type builds a string on every call.
+_SELECTED: dict[tuple[str, str | None, torch.device], str] = {}
+
+
 def crelu(x: torch.Tensor, dim: int = 1, backend: str = "auto") -> torch.Tensor:
     """CReLU, ``cat([relu(x), relu(-x)], dim)``, bitwise equal to
     :func:`crelu_ext.reference.crelu` forward and backward, in one fused pass
     that saves only 2 bits per element for backward."""
-    dim = check_input(x, dim)
-    return _IMPLEMENTATIONS[select_backend(backend, x.device)](x, dim)
+    override = _backend_override() if backend == "auto" else None
+    try:
+        key = (backend, override, x.device)
+    except AttributeError:
+        check_input(x, dim)  # not a tensor: the API's message
+        raise
+    selected = _SELECTED.get(key)
+    if selected is None:
+        # Raises for a backend unavailable on the device; one that resolves is kept.
+        selected = _SELECTED[key] = select_backend(backend, x.device)
+    # Each backend checks its input once (the native op in C++).
+    return _IMPLEMENTATIONS[selected](x, dim)

@@ -11,13 +11,24 @@ class CReLU(torch.nn.Module):
     Doubles the size of ``dim``; see :func:`crelu_ext.crelu`.
     """
 
-    def __init__(self, dim: int = 1, backend: str = "auto") -> None:
+    DEFAULT_DIM = 1  # the channels of NCHW input
+
+    def __init__(self, dim: int = DEFAULT_DIM, backend: str = "auto") -> None:
         super().__init__()
         self.dim = dim
         self.backend = backend
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return crelu(x, self.dim, self.backend)
+        try:
+            return crelu(x, self.dim, self.backend)
+        except IndexError as error:
+            if self.dim != self.DEFAULT_DIM:
+                raise
+            raise IndexError(
+                f"{error}; {self.DEFAULT_DIM} is CReLU's default dim (the channels of "
+                "NCHW input): pass CReLU(dim=...) for other layouts, e.g. dim=-1 for "
+                "(batch, features)"
+            ) from None
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, backend={self.backend!r}"

@@ -1,9 +1,12 @@
-"""The native ops (csrc/): fake kernels and autograd, registered on the
-schemas that csrc/ops.cpp defines."""
+"""The native ops (csrc/): their fake kernels, registered on the schemas that
+csrc/ops.cpp defines; autograd is registered in C++ (csrc/autograd.cpp)."""
+
+import importlib
+import sys
+from pathlib import Path
 
 import torch
 
-from ._autograd import call_forward, register_crelu_autograd
 from ._layout import (
     allocate_backward,
     allocate_backward_backward,
@@ -11,12 +14,46 @@ from ._layout import (
     check_input,
 )
 
+PACKAGE_DIR = Path(__file__).resolve().parent
+
 try:
-    from . import _C  # noqa: F401  (loading it registers torch.ops.crelu_ext.*)
+    # Loading it registers torch.ops.crelu_ext.*.
+    importlib.import_module(f"{__package__}._C")
 except ImportError as error:  # no compiled part: only the reference backend
     NATIVE_IMPORT_ERROR: ImportError | None = error
 else:
     NATIVE_IMPORT_ERROR = None
+
+
+def _built_copies_elsewhere() -> list[Path]:
+    """Other crelu_ext packages on sys.path that hold a compiled _C."""
+    copies = []
+    for entry in sys.path:
+        package = Path(entry or ".").resolve() / "crelu_ext"
+        if package != PACKAGE_DIR and any(package.glob("_C.*")):
+            copies.append(package)
+    return copies
+
+
+def native_unavailable_reason() -> str:
+    """Why the native backend did not load, and how to get it."""
+    missing = isinstance(NATIVE_IMPORT_ERROR, ModuleNotFoundError) and (
+        NATIVE_IMPORT_ERROR.name == f"{__package__}._C"
+    )
+    if not missing:
+        return f"the compiled extension did not load: {NATIVE_IMPORT_ERROR}"
+    reason = f"the package imported from {PACKAGE_DIR} has no compiled part (crelu_ext._C)"
+    copies = _built_copies_elsewhere()
+    if copies:
+        reason += (
+            f", while a built copy is installed at {copies[0]}: running from the source "
+            "checkout imports the source folder instead. Run from outside the checkout, "
+            "or build in place with `pip install -e .`"
+        )
+    else:
+        reason += "; build it in place with `pip install -e .` (or `pip install .` and run "
+        reason += "from outside the checkout)"
+    return reason
 
 
 # Device types with compiled kernels, read once: the registrations are fixed
@@ -34,8 +71,14 @@ def native_available(device: torch.device) -> bool:
 
 
 def crelu(x: torch.Tensor, dim: int) -> torch.Tensor:
-    """The native forward."""
-    return call_forward(torch.ops.crelu_ext.crelu, x, dim)
+    """The native forward. The op checks its input and, under autograd, writes
+    the mask that the backward needs (csrc/autograd.cpp)."""
+    try:
+        return torch.ops.crelu_ext.crelu.default(x, dim, False)[0]
+    except (TypeError, RuntimeError):
+        # The Python API's message for a non-tensor, a non-int dim or a dtype.
+        check_input(x, dim)
+        raise
 
 
 def _fake_crelu(x, dim, save_mask):
@@ -55,7 +98,6 @@ def _register() -> None:
     torch.library.register_fake("crelu_ext::crelu", _fake_crelu)
     torch.library.register_fake("crelu_ext::crelu_backward", _fake_backward)
     torch.library.register_fake("crelu_ext::crelu_backward_backward", _fake_backward_backward)
-    register_crelu_autograd("crelu", "crelu_backward", "crelu_backward_backward")
 
 
 if NATIVE_IMPORT_ERROR is None:

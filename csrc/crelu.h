@@ -94,6 +94,10 @@ C10_HOST_DEVICE inline acc_t crelu_grad_grad_neg(acc_t g, bool neg) {
   return neg && g != acc_t(0) ? -g : acc_t(0);
 }
 
+// The memory format of cat([relu(x), relu(-x)]): the output's, and the one
+// crelu_backward and crelu_backward_backward are given for x's gradient.
+at::MemoryFormat output_memory_format(const at::Tensor& x);
+
 // ---- the ops, shared by every device (ops.cpp) ----
 // They check the inputs, plan the layout, allocate the outputs with the
 // strides torch.cat gives and call the device's kernel on dense inputs.

@@ -1,6 +1,6 @@
 // The crelu_ext ops: schemas, input checks, the layout plan and the CPU
-// registrations. The CUDA registrations are in cuda/crelu_cuda.cu; autograd
-// and the fake kernels are registered from Python (crelu_ext/ops.py).
+// registrations. The CUDA registrations are in cuda/crelu_cuda.cu, autograd in
+// autograd.cpp; the fake kernels are registered from Python (crelu_ext/ops.py).
 #include <ATen/ExpandUtils.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -59,6 +59,8 @@ int64_t wrap_dim(const at::Tensor& t, int64_t dim, const char* op) {
   return dim < 0 ? dim + ndim : dim;
 }
 
+}  // namespace
+
 // The memory format torch.cat([relu(x), relu(-x)]) gives: that of relu(x),
 // which keeps x's strides when x is dense and otherwise lays out a dense
 // tensor in x's stride order (TensorIterator).
@@ -77,6 +79,8 @@ at::MemoryFormat output_memory_format(const at::Tensor& x) {
   }
   return at::MemoryFormat::Contiguous;
 }
+
+namespace {
 
 void check_memory_format(at::MemoryFormat memory_format, int64_t ndim,
                          const char* op) {
@@ -174,7 +178,8 @@ at::Tensor crelu_backward_backward_impl(MaskedKernel kernel,
 TORCH_LIBRARY(crelu_ext, m) {
   const std::vector<at::Tag> tags{at::Tag::pt2_compliant_tag};
   // save_mask: also return the packed sign mask that crelu_backward needs
-  // (see crelu.h); otherwise the mask is empty and never written.
+  // (see crelu.h); otherwise the mask is empty and never written, unless
+  // autograd records the call (autograd.cpp writes it then).
   m.def("crelu(Tensor x, int dim, bool save_mask) -> (Tensor, Tensor)", tags);
   m.def(
       "crelu_backward(Tensor grad_out, Tensor mask, int dim, "

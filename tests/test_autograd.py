@@ -6,6 +6,7 @@ import torch
 from helpers import assert_bitwise_equal, make_input
 
 import crelu_ext
+from crelu_ext._layout import mask_bytes
 
 
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
@@ -100,10 +101,26 @@ def test_inference_writes_no_mask():
         assert out.grad_fn is None
 
 
-def test_differentiating_a_maskless_call_is_a_clear_error():
+def test_the_native_op_writes_the_mask_when_autograd_records_the_call():
+    # save_mask=False asks for no mask, but autograd (decided in C++) needs one.
     if "native" not in crelu_ext.available_backends("cpu"):
         pytest.skip("native backend not built")
-    x = torch.randn(2, 4, requires_grad=True)
-    out, _ = torch.ops.crelu_ext.crelu(x, 1, False)
-    with pytest.raises(RuntimeError, match=r"crelu_ext\.crelu: .*save_mask=True"):
+    x = make_input((2, 40), torch.float32).requires_grad_(True)
+    out, mask = torch.ops.crelu_ext.crelu(x, 1, False)
+    assert mask.numel() == mask_bytes(x.numel())
+    g = make_input((2, 80), torch.float32, seed=1)
+    (grad_x,) = torch.autograd.grad(out, x, g)
+    (expected,) = torch.autograd.grad(crelu_ext.reference.crelu(x, 1), x, g)
+    assert_bitwise_equal(grad_x, expected)
+
+
+def test_differentiating_a_maskless_call_is_a_clear_error(backend_device):
+    # Backends with autograd in Python register it on the op too; a direct call
+    # asked for no mask cannot be differentiated.
+    backend, device = backend_device
+    if backend in ("native", "reference"):
+        pytest.skip("the native op decides in C++; the reference has no op")
+    x = torch.randn(2, 4, device=device, requires_grad=True)
+    out, _ = getattr(torch.ops.crelu_ext, f"{backend}_crelu")(x, 1, False)
+    with pytest.raises(RuntimeError, match=rf"crelu_ext\.{backend}_crelu: .*save_mask=True"):
         out.sum().backward()

@@ -2,8 +2,10 @@
 requires them, and a clean import without the compiled part."""
 
 import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -67,3 +69,46 @@ print("ok")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok"
+
+
+def run_from_source_copy(tmp_path, installed_build: bool) -> subprocess.CompletedProcess:
+    """Imports a copy of the package that has no compiled part, as from a source
+    checkout never built in place; with ``installed_build``, a built copy is
+    also installed (further down sys.path)."""
+    source = tmp_path / "checkout"
+    shutil.copytree(
+        Path(crelu_ext.__file__).parent, source / "crelu_ext", ignore=shutil.ignore_patterns("_C*")
+    )
+    path = [str(source)]
+    if installed_build:
+        site = tmp_path / "site-packages" / "crelu_ext"
+        site.mkdir(parents=True)
+        (site / "_C.abi3.so").touch()
+        path.append(str(site.parent))
+    # An editable install of another checkout (as in a development venv) would
+    # lend that checkout's _C to the copy: its import hook is taken out.
+    code = """
+import sys
+sys.meta_path = [f for f in sys.meta_path if "__editable__" not in repr(f)]
+import torch, crelu_ext
+assert crelu_ext.available_backends("cpu")[0] != "native", crelu_ext.ops.__file__
+try:
+    crelu_ext.crelu(torch.randn(2, 3), backend="native")
+except RuntimeError as e:
+    print(e)
+"""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=source, env=env
+    )
+
+
+@pytest.mark.parametrize("installed_build", [False, True], ids=["never-built", "shadowing"])
+def test_missing_compiled_part_says_how_to_fix_it(tmp_path, installed_build):
+    result = run_from_source_copy(tmp_path, installed_build)
+    assert result.returncode == 0, result.stderr
+    message = result.stdout
+    assert "backend 'native' is not available" in message
+    assert "no compiled part" in message and "pip install -e ." in message
+    assert "circular" not in message
+    assert ("outside the checkout" in message) and (("installed at" in message) == installed_build)

@@ -29,6 +29,25 @@ def test_dim_out_of_range_raises_index_error(backend_device, dim):
         crelu_ext.crelu(torch.ones(2, 3, device=device), dim, backend=backend)
 
 
+def test_crelu_module_names_its_default_dim(backend_device):
+    backend, device = backend_device
+    with pytest.raises(
+        IndexError, match=r"crelu_ext\.crelu: dim 1 is out of range.*1 is CReLU's default dim"
+    ):
+        crelu_ext.CReLU(backend=backend)(torch.randn(3, device=device))
+    with pytest.raises(IndexError, match=r"dim 2 is out of range") as error:
+        crelu_ext.CReLU(2, backend=backend)(torch.randn(3, device=device))
+    assert "default" not in str(error.value)
+
+
+def test_non_tensor_and_non_int_dim_raise_type_error(backend_device):
+    backend, device = backend_device
+    with pytest.raises(TypeError, match=r"crelu_ext\.crelu: expected a torch\.Tensor, got list"):
+        crelu_ext.crelu([1.0, -1.0], 0, backend=backend)
+    with pytest.raises(TypeError, match=r"crelu_ext\.crelu: dim must be an int, got float"):
+        crelu_ext.crelu(torch.ones(2, 3, device=device), 1.0, backend=backend)
+
+
 def test_the_native_op_checks_its_own_inputs():
     if "native" not in crelu_ext.available_backends("cpu"):
         pytest.skip("native backend not built")
