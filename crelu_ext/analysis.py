@@ -30,7 +30,6 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
 
 from .models import ACTIVATIONS, MODELS
 from .nn import CReLU
@@ -487,6 +486,8 @@ def reconstruction_by_depth(
     stack: list[nn.Conv2d], activation: Activation, image: torch.Tensor, max_iter: int = 500
 ) -> tuple[list[ReconstructionResult], list[torch.Tensor]]:
     """The image reconstructed from the features of conv1, conv1-2, ... (Figure 5)."""
+    from tqdm import tqdm
+
     features = stack_features(stack, activation, image)
     results, images = [], []
     for depth in tqdm(range(1, len(stack) + 1), desc=f"reconstruct ({activation})"):
@@ -601,13 +602,13 @@ def load_model(checkpoint: Path) -> tuple[nn.Module, nn.Module, dict[str, Any]]:
     """The model a ``python -m crelu_ext train --checkpoint`` run saved, the same model at
     its initialization (train seeds torch with --seed right before building it), and the
     run's metrics."""
-    from .train import model_options
+    from .train import model_options, read_checkpoint
 
+    state = read_checkpoint(checkpoint)  # refuses anything but tensors and plain data
     try:
-        state = torch.load(checkpoint, map_location="cpu", weights_only=False)
         config = state["metrics"]["config"]
         weights = state["runs"][0]["model"]
-    except (OSError, KeyError, RuntimeError) as error:
+    except (KeyError, IndexError, TypeError) as error:
         raise ValueError(f"cannot read a training checkpoint from {checkpoint}: {error}") from None
     options = model_options(Namespace(**config))
     if config["model"] == "convpool_cnn_c":
@@ -773,8 +774,8 @@ def build_parser() -> argparse.ArgumentParser:
     budget = train.add_mutually_exclusive_group()
     budget.add_argument("--epochs", type=int)
     budget.add_argument("--steps", type=int)
-    train.add_argument("--lr", type=float, default=0.002)
-    train.add_argument("--batch-size", type=int, default=32)
+    train.add_argument("--lr", type=float, help="default: train's for the model and activation")
+    train.add_argument("--batch-size", type=int, default=64)
     train.add_argument("--seed", type=int, default=0)
     parser.add_argument("--image-size", type=int, default=96, help="photograph side, pixels")
     parser.add_argument("--max-iter", type=int, default=300, help="CG iterations per layer")
@@ -797,7 +798,8 @@ def main(argv: list[str] | None = None) -> None:
         train.main(
             [
                 *("--model", args.model, *(shape if args.model == "convpool_cnn_c" else [])),
-                *("--lr", str(args.lr), "--batch-size", str(args.batch_size)),
+                *(["--lr", str(args.lr)] if args.lr is not None else []),
+                *("--batch-size", str(args.batch_size)),
                 *("--seed", str(args.seed), *budget, "--checkpoint", str(checkpoint)),
                 *("--metrics-out", str(args.out / "train_metrics.json")),
             ]
