@@ -64,14 +64,21 @@ def main() -> None:
         done = pool.map(
             lambda c: subprocess.run(c, env=env, stdout=subprocess.PIPE, text=True), commands
         )
-        for command, result in zip(commands, done, strict=True):
-            if result.returncode != 0:
-                sys.exit(f"failed ({result.returncode}): {shlex.join(command)}")
-        metrics = [json.loads(Path(c[c.index("--metrics-out") + 1]).read_text()) for c in commands]
+        # A run that fails (a diverged one exits 1) is reported, not averaged.
+        metrics = [
+            json.loads(Path(c[c.index("--metrics-out") + 1]).read_text())
+            if result.returncode == 0
+            else {"failed": f"exit {result.returncode}: {shlex.join(c)}"}
+            for c, result in zip(commands, done, strict=True)
+        ]
 
     results = {}
     for ((name, _, _), seed), run in zip(runs, metrics, strict=True):
-        entry = results.setdefault(name, {"parameters": run["num_parameters"], "errors": {}})
+        entry = results.setdefault(name, {"errors": {}, "failed": {}})
+        if "failed" in run:
+            entry["failed"][seed] = run["failed"]
+            continue
+        entry["parameters"] = run["num_parameters"]
         entry["errors"][seed] = 100 * (1 - run["test_accuracy"])
     lines = [
         f"| model | parameters | test error, mean ± std over {len(args.seeds)} seeds "
@@ -80,12 +87,13 @@ def main() -> None:
     ]
     for name, entry in results.items():
         errors = list(entry["errors"].values())
-        entry["mean"] = statistics.mean(errors)
+        entry["mean"] = statistics.mean(errors) if errors else float("nan")
         entry["std"] = statistics.stdev(errors) if len(errors) > 1 else 0.0
         every = ", ".join(f"{e:.1f}" for e in errors)
+        every += "".join(f", seed {seed} failed" for seed in entry["failed"])
         lines.append(
-            f"| {name} | {entry['parameters']:,} | {entry['mean']:.2f} ± {entry['std']:.2f} % "
-            f"| {every} | {PAPER_CIFAR10_AVERAGE[name]:.2f} % |"
+            f"| {name} | {entry.get('parameters', 0):,} | {entry['mean']:.2f} ± "
+            f"{entry['std']:.2f} % | {every} | {PAPER_CIFAR10_AVERAGE[name]:.2f} % |"
         )
     ours = sorted(results, key=lambda name: results[name]["mean"])
     paper = sorted(PAPER_CIFAR10_AVERAGE, key=PAPER_CIFAR10_AVERAGE.get)

@@ -156,13 +156,14 @@ def all_cnn_b(
         activation = "crelu" if number in crelu_layers else "relu"
         if activation == "crelu" and halve:
             filters //= 2
-        layers += [
-            nn.Conv2d(channels, filters, kernel, stride=stride, padding=kernel // 2),
-            make_activation(activation, backend),
-        ]
+        layers.append(nn.Conv2d(channels, filters, kernel, stride=stride, padding=kernel // 2))
+        # No ReLU on the class scores (see convpool_cnn_c); a CReLU there keeps every
+        # score's gradient, one half or the other.
+        if number < len(convs) or activation == "crelu":
+            layers.append(make_activation(activation, backend))
         channels = filters * channel_factor(activation)
     layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
-    return nn.Sequential(*layers)
+    return _init_convolutions(nn.Sequential(*layers))
 
 
 # Zagoruyko's cifar.torch VGG: filters of conv1-conv13 ("M": max-pool), and the dropout
