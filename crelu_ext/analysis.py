@@ -151,15 +151,25 @@ def plot_pairing_histograms(
     )
     bins = torch.linspace(-1, 1, 41).tolist()
     for axis, (name, (learned, random)) in zip(axes.flat, cosines.items(), strict=False):
-        axis.hist(random.numpy(), bins=bins, density=True, color="red", alpha=0.5, label="random")
+        # Random filled, learned as an outline on top: both stay visible where they overlap.
         axis.hist(
-            learned.numpy(), bins=bins, density=True, color="blue", alpha=0.5, label="learned"
-        )
-        axis.set_title(f"{name} (K={len(learned)})", fontsize=9)
+            random.numpy(), bins=bins, density=True, color="red", alpha=0.4,
+            label="random Gaussian filters (mu^r)",
+        )  # fmt: skip
+        axis.hist(
+            learned.numpy(), bins=bins, density=True, color="blue", histtype="step",
+            linewidth=1.5, label="learned filters (mu^w)",
+        )  # fmt: skip
+        axis.set_title(f"{name}, K={len(learned)} filters", fontsize=9)
     for axis in axes.flat[len(cosines) :]:
         axis.axis("off")
-    axes.flat[0].legend(fontsize=8)
-    figure.supxlabel("pairing cosine mu_i = min_j <phi_i, phi_j>")
+    axes.flat[0].legend(fontsize=7)
+    figure.supxlabel(
+        "pairing cosine mu_i = min over j != i of <phi_i, phi_j>, phi: the layer's filters "
+        "scaled to unit norm (-1: filter i has an exact opposite)",
+        fontsize=9,
+    )
+    figure.supylabel("density (fraction of filters per unit of cosine)", fontsize=9)
     if title:
         figure.suptitle(title)
     figure.tight_layout()
@@ -521,6 +531,11 @@ def plot_reconstructions(
             axis.set_title(f"{title}\nrel. err {relative_error(picture, image):.3g}", fontsize=8)
         for axis in row:
             axis.axis("off")
+    figure.suptitle(
+        "the input rebuilt from features by least squares, no learning; "
+        "rel. err = ||x_hat - x|| / ||x||",
+        fontsize=9,
+    )
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
