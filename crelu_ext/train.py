@@ -49,9 +49,10 @@ from .nn import CReLU
 EVAL_BATCH_SIZE = 256
 
 # The default peak learning rate per model (and, for ConvPool-CNN-C, per activation), for
-# SGD with momentum 0.9, batch 64, the warm-up and the clipping below. Chosen on the digits
-# so that every seed trains (benchmarks/results/training/README.md): AVR keeps each unit's
-# energy where ReLU halves it, so it needs a smaller step.
+# SGD with momentum 0.9, batch 64, the warm-up and the clipping below. ConvPool-CNN-C's
+# were measured on the digits (benchmarks/results/training/README.md): all 5 seeds of each
+# activation train; AVR stayed at chance at 0.05 where 0.02 learned. All-CNN-B's and the
+# VGG's are untuned guesses: a step of either takes ~10 s on a CPU.
 DEFAULT_LR = {
     ("convpool_cnn_c", "relu"): 0.05,
     ("convpool_cnn_c", "crelu"): 0.05,
@@ -361,6 +362,17 @@ class TrainingRun:
         mine, theirs = self.module.state_dict(), other.module.state_dict()
         return all(same_bits(mine[name], theirs[name]) for name in mine)
 
+    def in_sync_across_processes(self) -> bool:
+        """Whether every process holds rank 0's parameters, bit for bit (DDP's promise)."""
+        in_sync = torch.ones((), device=self.device)
+        for tensor in self.module.state_dict().values():
+            rank0 = tensor.clone()
+            dist.broadcast(rank0, src=0)
+            if not same_bits(rank0, tensor):
+                in_sync.zero_()
+        dist.all_reduce(in_sync, op=dist.ReduceOp.MIN)
+        return bool(in_sync.item())
+
 
 def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Bitwise equality: a NaN matches a NaN with the same bits, never a number, and -0.0
@@ -371,17 +383,6 @@ def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
         as_integers = {2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
         a, b = a.view(as_integers), b.view(as_integers)
     return torch.equal(a, b)
-
-    def in_sync_across_processes(self) -> bool:
-        """Whether every process holds rank 0's parameters, bit for bit (DDP's promise)."""
-        in_sync = torch.ones((), device=self.device)
-        for tensor in self.module.state_dict().values():
-            rank0 = tensor.clone()
-            dist.broadcast(rank0, src=0)
-            if not torch.equal(rank0, tensor):
-                in_sync.zero_()
-        dist.all_reduce(in_sync, op=dist.ReduceOp.MIN)
-        return bool(in_sync.item())
 
 
 def epoch_batches(
