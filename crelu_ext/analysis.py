@@ -30,7 +30,6 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
 
 from .models import ACTIVATIONS, MODELS
 from .nn import CReLU
@@ -152,15 +151,25 @@ def plot_pairing_histograms(
     )
     bins = torch.linspace(-1, 1, 41).tolist()
     for axis, (name, (learned, random)) in zip(axes.flat, cosines.items(), strict=False):
-        axis.hist(random.numpy(), bins=bins, density=True, color="red", alpha=0.5, label="random")
+        # Random filled, learned as an outline on top: both stay visible where they overlap.
         axis.hist(
-            learned.numpy(), bins=bins, density=True, color="blue", alpha=0.5, label="learned"
-        )
-        axis.set_title(f"{name} (K={len(learned)})", fontsize=9)
+            random.numpy(), bins=bins, density=True, color="red", alpha=0.4,
+            label="random Gaussian filters (mu^r)",
+        )  # fmt: skip
+        axis.hist(
+            learned.numpy(), bins=bins, density=True, color="blue", histtype="step",
+            linewidth=1.5, label="learned filters (mu^w)",
+        )  # fmt: skip
+        axis.set_title(f"{name}, K={len(learned)} filters", fontsize=9)
     for axis in axes.flat[len(cosines) :]:
         axis.axis("off")
-    axes.flat[0].legend(fontsize=8)
-    figure.supxlabel("pairing cosine mu_i = min_j <phi_i, phi_j>")
+    axes.flat[0].legend(fontsize=7)
+    figure.supxlabel(
+        "pairing cosine mu_i = min over j != i of <phi_i, phi_j>, phi: the layer's filters "
+        "scaled to unit norm (-1: filter i has an exact opposite)",
+        fontsize=9,
+    )
+    figure.supylabel("density (fraction of filters per unit of cosine)", fontsize=9)
     if title:
         figure.suptitle(title)
     figure.tight_layout()
@@ -487,6 +496,8 @@ def reconstruction_by_depth(
     stack: list[nn.Conv2d], activation: Activation, image: torch.Tensor, max_iter: int = 500
 ) -> tuple[list[ReconstructionResult], list[torch.Tensor]]:
     """The image reconstructed from the features of conv1, conv1-2, ... (Figure 5)."""
+    from tqdm import tqdm
+
     features = stack_features(stack, activation, image)
     results, images = [], []
     for depth in tqdm(range(1, len(stack) + 1), desc=f"reconstruct ({activation})"):
@@ -520,6 +531,11 @@ def plot_reconstructions(
             axis.set_title(f"{title}\nrel. err {relative_error(picture, image):.3g}", fontsize=8)
         for axis in row:
             axis.axis("off")
+    figure.suptitle(
+        "the input rebuilt from features by least squares, no learning; "
+        "rel. err = ||x_hat - x|| / ||x||",
+        fontsize=9,
+    )
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
@@ -601,13 +617,13 @@ def load_model(checkpoint: Path) -> tuple[nn.Module, nn.Module, dict[str, Any]]:
     """The model a ``python -m crelu_ext train --checkpoint`` run saved, the same model at
     its initialization (train seeds torch with --seed right before building it), and the
     run's metrics."""
-    from .train import model_options
+    from .train import model_options, read_checkpoint
 
+    state = read_checkpoint(checkpoint)  # refuses anything but tensors and plain data
     try:
-        state = torch.load(checkpoint, map_location="cpu", weights_only=False)
         config = state["metrics"]["config"]
         weights = state["runs"][0]["model"]
-    except (OSError, KeyError, RuntimeError) as error:
+    except (KeyError, IndexError, TypeError) as error:
         raise ValueError(f"cannot read a training checkpoint from {checkpoint}: {error}") from None
     options = model_options(Namespace(**config))
     if config["model"] == "convpool_cnn_c":
@@ -773,8 +789,8 @@ def build_parser() -> argparse.ArgumentParser:
     budget = train.add_mutually_exclusive_group()
     budget.add_argument("--epochs", type=int)
     budget.add_argument("--steps", type=int)
-    train.add_argument("--lr", type=float, default=0.002)
-    train.add_argument("--batch-size", type=int, default=32)
+    train.add_argument("--lr", type=float, help="default: train's for the model and activation")
+    train.add_argument("--batch-size", type=int, default=64)
     train.add_argument("--seed", type=int, default=0)
     parser.add_argument("--image-size", type=int, default=96, help="photograph side, pixels")
     parser.add_argument("--max-iter", type=int, default=300, help="CG iterations per layer")
@@ -797,7 +813,8 @@ def main(argv: list[str] | None = None) -> None:
         train.main(
             [
                 *("--model", args.model, *(shape if args.model == "convpool_cnn_c" else [])),
-                *("--lr", str(args.lr), "--batch-size", str(args.batch_size)),
+                *(["--lr", str(args.lr)] if args.lr is not None else []),
+                *("--batch-size", str(args.batch_size)),
                 *("--seed", str(args.seed), *budget, "--checkpoint", str(checkpoint)),
                 *("--metrics-out", str(args.out / "train_metrics.json")),
             ]

@@ -8,11 +8,15 @@
 
 As in the paper (Section 3.1), images are normalized with the training set's per-channel
 mean and standard deviation, and :func:`random_hflip` gives the flip augmentation.
+
+CIFAR files are pickles, and unpickling can run any code the file names, so they are read
+by :class:`CifarUnpickler`, which builds only what the official files hold.
 """
 
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -91,6 +95,13 @@ def load_cifar(name: str, data_dir: str | Path) -> ImageDataset:
     """CIFAR-10/100 from ``data_dir`` or ``data_dir/<official folder name>``."""
     folder_name, train_files, test_file, label_key = CIFAR_LAYOUT[name]
     data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise FileNotFoundError(
+            f"{name}: the data folder {data_dir} does not exist"
+            if not data_dir.exists()
+            else f"{name}: {data_dir} is not a folder; --data-dir takes the folder that "
+            f"holds {folder_name}/"
+        )
     folder = data_dir / folder_name if (data_dir / folder_name).is_dir() else data_dir
     missing = [f for f in [*train_files, test_file] if not (folder / f).is_file()]
     if missing:
@@ -117,11 +128,77 @@ def load_cifar(name: str, data_dir: str | Path) -> ImageDataset:
     )
 
 
+class UnsafePickle(pickle.UnpicklingError):
+    """A pickle asked for something an official CIFAR file never holds."""
+
+
+class CifarUnpickler(pickle.Unpickler):
+    """Unpickles only what the official CIFAR files hold: dicts, lists, bytes, strings,
+    numbers, and numpy arrays of numbers. Any other class or function the stream names is
+    refused before anything calls it, so nothing in the file runs."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) == ("numpy", "ndarray"):
+            return _NDARRAY  # only as _reconstruct's first argument: it is not callable
+        if (module, name) == ("numpy", "dtype"):
+            return _numeric_dtype
+        if name == "_reconstruct" and module in ("numpy.core.multiarray", "numpy._core.multiarray"):
+            return _reconstruct_array
+        raise UnsafePickle(f"it names {module}.{name}")
+
+
+def _numeric_dtype(*args: Any) -> np.dtype:
+    dtype = np.dtype(*args)
+    if dtype.kind not in "biuf":
+        raise UnsafePickle(f"it holds a numpy array of {dtype}, not of numbers")
+    return dtype
+
+
+_NDARRAY = "numpy.ndarray"
+
+
+def _reconstruct_array(subtype: Any, shape: Any, dtype: Any) -> np.ndarray:
+    """numpy's ``_reconstruct`` (an empty array that the pickle then fills), for plain
+    arrays of numbers only."""
+    if subtype is not _NDARRAY:
+        raise UnsafePickle(f"it reconstructs an array of type {subtype!r}")
+    return np.ndarray.__new__(np.ndarray, shape, _numeric_dtype(dtype))
+
+
+def _check_plain(value: Any) -> None:
+    """Raises :class:`UnsafePickle` unless ``value`` is plain data and arrays of numbers
+    (a dtype's pickled state could still have turned it into something else)."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _check_plain(key)
+            _check_plain(item)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            _check_plain(item)
+    elif isinstance(value, np.ndarray):
+        if value.dtype.hasobject or value.dtype.kind not in "biuf":
+            raise UnsafePickle(f"it holds a numpy array of {value.dtype}, not of numbers")
+    elif not isinstance(value, (bytes, str, int, float, type(None))):
+        raise UnsafePickle(f"it holds a {type(value).__name__}")
+
+
 def _read_cifar_file(path: Path, label_key: bytes) -> tuple[torch.Tensor, torch.Tensor]:
     """One pickled batch: ``data`` is uint8 (N, 3072), each row R, G, B planes of 32x32."""
     try:
         with open(path, "rb") as file:
-            batch = pickle.load(file, encoding="bytes")
+            batch = CifarUnpickler(file, encoding="bytes").load()
+        _check_plain(batch)
+    except UnsafePickle as refusal:
+        raise ValueError(
+            f"refusing CIFAR file {path}: {refusal}, which the official CIFAR files never "
+            "hold (only dicts, lists, bytes, strings, numbers and numpy arrays of numbers); "
+            "nothing in it was run"
+        ) from None
+    except Exception as error:
+        raise ValueError(
+            f"corrupt CIFAR file {path}: not a readable pickle ({type(error).__name__}: {error})"
+        ) from error
+    try:
         data = np.asarray(batch[b"data"], dtype=np.uint8)
         labels = np.asarray(batch[label_key], dtype=np.int64)
     except Exception as error:

@@ -70,8 +70,11 @@ def convpool_cnn_c(
     activation: str = "relu",
     width: float = 1.0,
     backend: str = "auto",
+    dropout: float = 0.5,
 ) -> nn.Sequential:
-    """ConvPool-CNN-C; ``activation`` follows conv1-conv8, ``width`` scales their filters.
+    """ConvPool-CNN-C; ``activation`` follows conv1-conv8, ``width`` scales their filters,
+    ``dropout`` is the rate after each max-pool (Springenberg et al.'s 0.5; the CReLU paper
+    tunes it per model, and narrow networks on the digits need less).
 
     Parameters at width 1 for CIFAR-10 (Table 1): relu 1.4M, crelu 2.8M, avr 1.4M;
     relu at width 2 5.6M; crelu at width 0.5 0.7M.
@@ -79,6 +82,8 @@ def convpool_cnn_c(
     make_activation(activation, backend)  # fail early on an unknown name
     if width <= 0:
         raise ValueError(f"width must be positive, got {width}")
+    if not 0 <= dropout < 1:
+        raise ValueError(f"dropout must be in [0, 1), got {dropout}")
     wide, wider = _scaled(96, width), _scaled(192, width)
     # (kernel, filters, padding) per convolution; "pool" is max-pool 3x3/2 then dropout.
     plan = [(3, wide, 1), (3, wide, 1), (3, wide, 1), "pool",
@@ -88,7 +93,7 @@ def convpool_cnn_c(
     channels = in_channels
     for step in plan:
         if step == "pool":
-            layers += [nn.MaxPool2d(3, stride=2), nn.Dropout(0.5)]
+            layers += [nn.MaxPool2d(3, stride=2), nn.Dropout(dropout)]
             continue
         kernel, filters, padding = step
         layers += [
@@ -96,12 +101,11 @@ def convpool_cnn_c(
             make_activation(activation, backend),
         ]
         channels = filters * channel_factor(activation)
-    layers += [
-        nn.Conv2d(channels, num_classes, 1),
-        nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-    ]
+    # Springenberg et al. put a ReLU on the class scores; it is left out here. With it,
+    # every step pushes the wrong classes' scores down (the softmax's gradient), no step
+    # pushes them all up, and once a score is negative everywhere its ReLU passes no
+    # gradient: training stopped at loss ln 10 (chance) within the first steps for CReLU.
+    layers += [nn.Conv2d(channels, num_classes, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten()]
     return _init_convolutions(nn.Sequential(*layers))
 
 
@@ -152,13 +156,14 @@ def all_cnn_b(
         activation = "crelu" if number in crelu_layers else "relu"
         if activation == "crelu" and halve:
             filters //= 2
-        layers += [
-            nn.Conv2d(channels, filters, kernel, stride=stride, padding=kernel // 2),
-            make_activation(activation, backend),
-        ]
+        layers.append(nn.Conv2d(channels, filters, kernel, stride=stride, padding=kernel // 2))
+        # No ReLU on the class scores (see convpool_cnn_c); a CReLU there keeps every
+        # score's gradient, one half or the other.
+        if number < len(convs) or activation == "crelu":
+            layers.append(make_activation(activation, backend))
         channels = filters * channel_factor(activation)
     layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
-    return nn.Sequential(*layers)
+    return _init_convolutions(nn.Sequential(*layers))
 
 
 # Zagoruyko's cifar.torch VGG: filters of conv1-conv13 ("M": max-pool), and the dropout

@@ -5,20 +5,26 @@
     torchrun --nproc-per-node 2 -m crelu_ext train --steps 20    # DistributedDataParallel
     python -m crelu_ext train --benchmark-step --model all_cnn_b --crelu 1,2,3,4
 
-Training is SGD with momentum 0.9 and a constant learning rate, on data held in memory
-(:mod:`crelu_ext.data`). Everything random (initialization, data order, flips, dropout)
-comes from ``--seed``, so two runs with the same flags take the same steps.
+Training is SGD with momentum 0.9 on data held in memory (:mod:`crelu_ext.data`): the
+learning rate warms up linearly over the first ``--lr-warmup`` of the steps, then decays
+along a cosine to zero, and the gradient's norm is clipped to ``--clip-grad-norm``. The
+default ``--lr`` depends on the model and activation (:data:`DEFAULT_LR`). A loss that is
+not finite stops the run with exit status 1. Everything random (initialization, data order,
+flips, dropout) comes from ``--seed``, so two runs with the same flags take the same steps.
 
 ``--check-parity`` trains the ``--backend`` model and a ``reference`` model side by side:
 same initialization, same batches, and each with its own copy of the dropout RNG stream.
 Our op is bitwise equal to the reference forward and backward, so the per-step losses and
-the weights must stay bitwise equal; the first step where they do not is reported, and the
-command exits with status 1. On CUDA the check enables deterministic algorithms.
+the weights must stay bitwise equal (a NaN matches only a NaN with the same bits); the
+first step where they do not is reported, and the command exits with status 1. On CUDA the
+check enables deterministic algorithms.
 """
 
 import argparse
 import json
+import math
 import os
+import pickle
 import statistics
 import sys
 import time
@@ -33,7 +39,6 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler
-from tqdm import tqdm
 
 from .backends import BACKENDS, select_backend
 from .bench import peak_memory, saved_bytes
@@ -42,6 +47,29 @@ from .models import ACTIVATIONS, MODELS, count_parameters
 from .nn import CReLU
 
 EVAL_BATCH_SIZE = 256
+
+# The default peak learning rate per model (and, for ConvPool-CNN-C, per activation), for
+# SGD with momentum 0.9, batch 64, the warm-up and the clipping below. ConvPool-CNN-C's
+# were measured on the digits (benchmarks/results/training/README.md): all 5 seeds of each
+# activation train; AVR stayed at chance at 0.05 where 0.02 learned. All-CNN-B's and the
+# VGG's are untuned guesses: a step of either takes ~10 s on a CPU.
+DEFAULT_LR = {
+    ("convpool_cnn_c", "relu"): 0.05,
+    ("convpool_cnn_c", "crelu"): 0.05,
+    ("convpool_cnn_c", "avr"): 0.02,
+    ("all_cnn_b", None): 0.02,
+    ("vgg_cifar", None): 0.05,
+}
+
+
+# ConvPool-CNN-C's dropout after each max-pool, when --dropout is not given: Springenberg
+# et al.'s 0.5 kept every narrow network on the digits at chance for epochs (measured; see
+# benchmarks/results/training/README.md), and the CReLU paper tunes this rate per model.
+DEFAULT_DROPOUT = 0.0
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss stopped being finite."""
 
 
 def parse_crelu_layers(text: str) -> str | tuple[int, ...]:
@@ -68,6 +96,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--width", type=float, help="convpool_cnn_c: filter multiplier")
     parser.add_argument(
+        "--dropout",
+        type=float,
+        help=f"convpool_cnn_c: rate after each max-pool (default {DEFAULT_DROPOUT})",
+    )
+    parser.add_argument(
         "--crelu",
         type=parse_crelu_layers,
         help="all_cnn_b, vgg_cifar: convolutions followed by CReLU, e.g. 1,3,5 or all",
@@ -83,7 +116,27 @@ def build_parser() -> argparse.ArgumentParser:
     budget.add_argument("--epochs", type=int, help="passes over the training set (default 1)")
     budget.add_argument("--steps", type=int, help="optimizer steps")
     parser.add_argument("--batch-size", type=int, default=64, help="per process")
-    parser.add_argument("--lr", type=float, default=0.01)
+    parser.add_argument(
+        "--lr", type=float, help="peak learning rate (default: per model and activation)"
+    )
+    parser.add_argument(
+        "--lr-warmup",
+        type=float,
+        default=0.1,
+        help="fraction of the steps over which the learning rate rises linearly (default 0.1)",
+    )
+    parser.add_argument(
+        "--lr-schedule",
+        choices=["cosine", "constant"],
+        default="cosine",
+        help="after the warm-up: cosine decay to zero (default), or constant",
+    )
+    parser.add_argument(
+        "--clip-grad-norm",
+        type=float,
+        default=2.0,
+        help="clip the gradient's total norm to this (default 2; 0 turns clipping off)",
+    )
     parser.add_argument("--weight-decay", type=float, default=5e-4)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--backend", choices=["auto", *BACKENDS], default="auto")
@@ -115,7 +168,11 @@ def build_parser() -> argparse.ArgumentParser:
 def model_options(args: argparse.Namespace) -> dict[str, Any]:
     """The builder's keyword arguments that the flags set; flags for another model are errors."""
     per_model = {
-        "convpool_cnn_c": {"activation": args.activation, "width": args.width},
+        "convpool_cnn_c": {
+            "activation": args.activation,
+            "width": args.width,
+            "dropout": args.dropout,
+        },
         "all_cnn_b": {"crelu": args.crelu, "halve": args.halve},
         "vgg_cifar": {"crelu": args.crelu, "halve": args.halve},
     }
@@ -125,6 +182,24 @@ def model_options(args: argparse.Namespace) -> dict[str, Any]:
     if given:
         raise ValueError(f"{', '.join(given)} does not apply to --model {args.model}")
     return {name: value for name, value in per_model[args.model].items() if value is not None}
+
+
+def default_lr(model: str, activation: str | None) -> float:
+    """The :data:`DEFAULT_LR` entry for ``model`` (ConvPool-CNN-C: and ``activation``)."""
+    if model == "convpool_cnn_c":
+        return DEFAULT_LR[(model, activation or "relu")]
+    return DEFAULT_LR[(model, None)]
+
+
+def learning_rate_factor(step: int, warmup_steps: int, total_steps: int, schedule: str) -> float:
+    """The multiple of the peak learning rate used by 0-based ``step``: a linear warm-up
+    to 1 over ``warmup_steps``, then 1 (``"constant"``) or a cosine decay towards 0."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def build_model(
@@ -202,6 +277,7 @@ class TrainingRun:
         args: argparse.Namespace,
         device: torch.device,
         distributed: Distributed,
+        total_steps: int,
     ) -> None:
         self.module = model.to(device)
         self.device = device
@@ -213,6 +289,12 @@ class TrainingRun:
         self.optimizer = torch.optim.SGD(
             model.parameters(), lr=args.lr, momentum=0.9, weight_decay=args.weight_decay
         )
+        warmup_steps = round(args.lr_warmup * total_steps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer,
+            lambda step: learning_rate_factor(step, warmup_steps, total_steps, args.lr_schedule),
+        )
+        self.clip_grad_norm = args.clip_grad_norm
         self.bf16 = args.bf16
         with _own_rng(device):
             # Ranks draw different dropout masks, as independent workers would.
@@ -224,8 +306,14 @@ class TrainingRun:
             return nullcontext()
         return torch.autocast(self.device.type, dtype=torch.bfloat16)
 
-    def step(self, images: torch.Tensor, labels: torch.Tensor) -> float:
-        """One SGD step; returns the batch loss, averaged over all processes."""
+    @property
+    def learning_rate(self) -> float:
+        """The learning rate of the next step."""
+        return self.optimizer.param_groups[0]["lr"]
+
+    def step(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """One SGD step; returns the batch loss (a float32 scalar on the CPU), averaged
+        over all processes."""
         self.model.train()
         with _own_rng(self.device):
             _set_rng_state(self.device, self.rng_state)
@@ -233,13 +321,16 @@ class TrainingRun:
                 loss = F.cross_entropy(self.model(images), labels)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if self.clip_grad_norm:
+                nn.utils.clip_grad_norm_(self.module.parameters(), self.clip_grad_norm)
             self.optimizer.step()
+            self.scheduler.step()
             self.rng_state = _rng_state(self.device)
         loss = loss.detach().float()
         if self.distributed.enabled:
             dist.all_reduce(loss)
             loss /= self.distributed.world_size
-        return loss.item()
+        return loss.cpu()
 
     @torch.no_grad()
     def accuracy(self, images: torch.Tensor, labels: torch.Tensor) -> float:
@@ -256,18 +347,20 @@ class TrainingRun:
         return {
             "model": self.module.state_dict(),
             "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
             "rng_state": self.rng_state.cpu(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.module.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
         self.rng_state = state["rng_state"]
 
     def parameters_equal(self, other: "TrainingRun") -> bool:
         """Bitwise equality of all parameters and buffers (BatchNorm statistics)."""
         mine, theirs = self.module.state_dict(), other.module.state_dict()
-        return all(torch.equal(mine[name], theirs[name]) for name in mine)
+        return all(same_bits(mine[name], theirs[name]) for name in mine)
 
     def in_sync_across_processes(self) -> bool:
         """Whether every process holds rank 0's parameters, bit for bit (DDP's promise)."""
@@ -275,10 +368,21 @@ class TrainingRun:
         for tensor in self.module.state_dict().values():
             rank0 = tensor.clone()
             dist.broadcast(rank0, src=0)
-            if not torch.equal(rank0, tensor):
+            if not same_bits(rank0, tensor):
                 in_sync.zero_()
         dist.all_reduce(in_sync, op=dist.ReduceOp.MIN)
         return bool(in_sync.item())
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bitwise equality: a NaN matches a NaN with the same bits, never a number, and -0.0
+    does not match 0.0 (``torch.equal`` says NaN != NaN and -0.0 == 0.0)."""
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    if a.is_floating_point():
+        as_integers = {2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
+        a, b = a.view(as_integers), b.view(as_integers)
+    return torch.equal(a, b)
 
 
 def epoch_batches(
@@ -312,8 +416,9 @@ def configure_determinism(device: torch.device) -> None:
 
 def _checkpoint_config(args: argparse.Namespace) -> dict[str, Any]:
     """What a resumed run must share with the run that saved the checkpoint."""
-    keys = ["model", "activation", "width", "crelu", "halve", "dataset", "batch_size", "lr"]
-    keys += ["weight_decay", "seed", "check_parity"]
+    keys = ["model", "activation", "width", "dropout", "crelu", "halve", "dataset"]
+    keys += ["batch_size", "lr"]
+    keys += ["lr_warmup", "lr_schedule", "clip_grad_norm", "weight_decay", "seed", "check_parity"]
     config = {key: getattr(args, key) for key in keys}
     config["crelu"] = list(config["crelu"]) if isinstance(args.crelu, tuple) else args.crelu
     return config
@@ -329,18 +434,6 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     if args.model != "convpool_cnn_c":
         dataset = as_rgb(dataset)
     options = model_options(args)
-    backends = [backend, "reference"] if args.check_parity else [backend]
-    runs = []
-    for run_backend in backends:
-        with _own_rng(device):
-            torch.manual_seed(args.seed)  # equal initial weights for every backend and rank
-            model = build_model(args.model, options, dataset, run_backend)
-        runs.append(TrainingRun(model, args, device, distributed))
-    if args.check_parity and not any(isinstance(m, CReLU) for m in runs[0].module.modules()):
-        raise ValueError(
-            "--check-parity needs a model with CReLU: add --activation crelu or --crelu"
-        )
-
     batches_per_epoch = len(
         epoch_batches(len(dataset.train_labels), args.batch_size, 0, args.seed, distributed)
     )
@@ -353,9 +446,22 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     if total_steps < 1:
         raise ValueError("--steps and --epochs must be at least 1")
 
+    backends = [backend, "reference"] if args.check_parity else [backend]
+    runs = []
+    for run_backend in backends:
+        with _own_rng(device):
+            torch.manual_seed(args.seed)  # equal initial weights for every backend and rank
+            model = build_model(args.model, options, dataset, run_backend)
+        runs.append(TrainingRun(model, args, device, distributed, total_steps))
+    if args.check_parity and not any(isinstance(m, CReLU) for m in runs[0].module.modules()):
+        raise ValueError(
+            "--check-parity needs a model with CReLU: add --activation crelu or --crelu"
+        )
+
     flip_generator = torch.Generator().manual_seed(args.seed + distributed.rank)
     metrics: dict[str, Any] = {
-        "config": _checkpoint_config(args),
+        # The schedule depends on the budget, so a resumed run must keep it.
+        "config": {**_checkpoint_config(args), "total_steps": total_steps},
         "backend": backend,
         "device": str(device),
         "world_size": distributed.world_size,
@@ -371,6 +477,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         start_step = load_checkpoint(
             args.checkpoint, args, runs, flip_generator, metrics, distributed
         )
+
+    from tqdm import tqdm
 
     progress = tqdm(
         range(start_step, total_steps),
@@ -392,12 +500,22 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             images = random_hflip(images, flip_generator)
         images, labels = images.to(device), dataset.train_labels[index].to(device)
 
-        losses = [run.step(images, labels) for run in runs]
+        learning_rate = runs[0].learning_rate
+        loss_tensors = [run.step(images, labels) for run in runs]
+        losses = [loss.item() for loss in loss_tensors]
         metrics["step_losses"].append(losses[0])
-        progress.set_postfix(loss=f"{losses[0]:.4f}")
+        progress.set_postfix(loss=f"{losses[0]:.4f}", lr=f"{learning_rate:.3g}")
         if args.check_parity:
             metrics["reference_step_losses"].append(losses[1])
-            _record_first_difference(metrics["parity"], step + 1, losses, runs)
+            _record_first_difference(metrics["parity"], step + 1, loss_tensors, runs)
+        if not all(math.isfinite(loss) for loss in losses):
+            progress.close()
+            raise TrainingDiverged(
+                f"training diverged: the loss is {losses[0]} at step {step + 1} of "
+                f"{total_steps} (learning rate {learning_rate:.3g}). Try a smaller --lr "
+                f"(this run's is {args.lr:g}), a longer --lr-warmup or a smaller "
+                "--clip-grad-norm."
+            )
 
         epoch_done = batch_in_epoch == batches_per_epoch - 1
         if epoch_done or step + 1 == total_steps:
@@ -423,15 +541,21 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _record_first_difference(
-    parity: dict[str, Any], step: int, losses: list[float], runs: list[TrainingRun]
+    parity: dict[str, Any], step: int, losses: list[torch.Tensor], runs: list[TrainingRun]
 ) -> None:
     if parity["first_difference"] is not None:
         return
-    # `==` on the floats: bitwise, since a float32 loss converts to a Python float exactly.
-    if losses[0] != losses[1]:
-        parity["first_difference"] = {"step": step, "in": "loss", "losses": losses}
+    if not same_bits(losses[0], losses[1]):
+        parity["first_difference"] = {
+            "step": step,
+            "in": "loss",
+            "losses": [loss.item() for loss in losses],
+        }
     elif not runs[0].parameters_equal(runs[1]):
         parity["first_difference"] = {"step": step, "in": "weights"}
+
+
+CHECKPOINT_KEYS = {"step", "world_size", "runs", "rng_states_per_rank", "metrics"}
 
 
 def save_checkpoint(
@@ -465,6 +589,29 @@ def save_checkpoint(
     partial.replace(path)  # a crash mid-save must not destroy the last good checkpoint
 
 
+def read_checkpoint(path: Path) -> dict[str, Any]:
+    """A checkpoint's contents, read with ``torch.load(weights_only=True)``: tensors and
+    plain containers of numbers and strings only, so a file from someone else cannot run
+    code while it is read; anything else is refused."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        first_line = str(error).strip().splitlines()[0]
+        raise ValueError(
+            f"refusing checkpoint {path}: it holds more than tensors and plain containers "
+            f"of numbers and strings, so it is not one that `train` saved; nothing in it "
+            f"was run ({first_line})"
+        ) from None
+    except Exception as error:
+        raise ValueError(f"cannot read checkpoint {path}: {error}") from None
+    if not isinstance(state, dict) or not state.keys() >= CHECKPOINT_KEYS:
+        raise ValueError(
+            f"{path} is not a `python -m crelu_ext train` checkpoint: expected a dict "
+            f"with {sorted(CHECKPOINT_KEYS)}"
+        )
+    return state
+
+
 def load_checkpoint(
     path: Path,
     args: argparse.Namespace,
@@ -474,10 +621,7 @@ def load_checkpoint(
     distributed: Distributed,
 ) -> int:
     """Restores a checkpoint into ``runs``; returns the step to continue from."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as error:
-        raise ValueError(f"cannot read checkpoint {path}: {error}") from error
+    state = read_checkpoint(path)
     saved_config = state["metrics"]["config"]
     if saved_config != metrics["config"]:
         differences = {
@@ -530,7 +674,8 @@ def benchmark_step(args: argparse.Namespace) -> dict[str, Any]:
     for provider in [backend, "reference", "reference+compile"]:
         torch.manual_seed(args.seed)
         model = build_model(args.model, options, dataset, provider.removesuffix("+compile"))
-        run = TrainingRun(model, args, device, Distributed())
+        # Every step it takes: warm-up, timed, the saved-bytes and the CUDA-peak steps.
+        run = TrainingRun(model, args, device, Distributed(), args.warmup + args.repeats + 2)
         if provider.endswith("+compile"):
             run.model = torch.compile(run.model)
         for _ in range(args.warmup):
@@ -571,10 +716,20 @@ def main(argv: list[str] | None = None) -> None:
     "epochs" (test accuracy after each), "test_accuracy", and "parity" when checking."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.lr is None:
+        args.lr = default_lr(args.model, args.activation)
+    if args.dropout is None and args.model == "convpool_cnn_c":
+        args.dropout = DEFAULT_DROPOUT
+    if not 0 <= args.lr_warmup < 1:
+        parser.error(f"--lr-warmup is a fraction of the steps in [0, 1), not {args.lr_warmup}")
+    if args.clip_grad_norm < 0:
+        parser.error(f"--clip-grad-norm must be >= 0 (0: no clipping), not {args.clip_grad_norm}")
     try:
         metrics = benchmark_step(args) if args.benchmark_step else train(args)
     except (ValueError, FileNotFoundError) as error:
         parser.error(str(error))
+    except TrainingDiverged as error:
+        sys.exit(str(error))
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -74,8 +74,13 @@ def test_cifar_data_dir_may_be_the_official_folder_itself(tmp_path):
 
 
 def test_missing_cifar_folder_names_what_it_needs(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"data_batch_1.*cifar-10-batches-py"):
+    with pytest.raises(FileNotFoundError, match=r"the data folder .*nowhere does not exist$"):
         load_dataset("cifar10", tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match=r"data_batch_1.*cifar-10-batches-py"):
+        load_dataset("cifar10", tmp_path)
+    (tmp_path / "file").touch()
+    with pytest.raises(FileNotFoundError, match="is not a folder"):
+        load_dataset("cifar10", tmp_path / "file")
     with pytest.raises(ValueError, match="needs a data folder"):
         load_dataset("cifar100")
 

@@ -109,6 +109,7 @@ def test_native_and_reference_models_are_bitwise_equal_forward_and_backward():
     [
         (lambda: convpool_cnn_c(activation="tanh"), "unknown activation"),
         (lambda: convpool_cnn_c(width=0), "width must be positive"),
+        (lambda: convpool_cnn_c(dropout=1), r"dropout must be in \[0, 1\)"),
         (lambda: all_cnn_b(crelu=(0, 13)), r"\[0, 13\].*conv1-12"),
         (lambda: vgg_cifar(crelu="first"), "'all' or a collection"),
         (lambda: all_cnn_b(crelu="all"), "halve=True and an even num_classes"),
@@ -118,3 +119,19 @@ def test_native_and_reference_models_are_bitwise_equal_forward_and_backward():
 def test_bad_arguments_raise_clear_errors(build, message):
     with pytest.raises(ValueError, match=message):
         build()
+
+
+@pytest.mark.parametrize(
+    "model",
+    [convpool_cnn_c(activation="relu", width=0.25), all_cnn_b(num_classes=10)],
+    ids=["convpool_cnn_c", "all_cnn_b"],
+)
+def test_class_scores_carry_no_relu(model):
+    # A ReLU there lets the softmax push every score to zero, where it stops learning.
+    last_conv = max(i for i, layer in enumerate(model) if isinstance(layer, nn.Conv2d))
+    assert isinstance(model[last_conv + 1], nn.AdaptiveAvgPool2d)
+
+
+def test_convpool_dropout_is_the_rate_after_each_pool():
+    rates = [m.p for m in convpool_cnn_c(dropout=0.3).modules() if isinstance(m, nn.Dropout)]
+    assert rates == [0.3, 0.3]
