@@ -358,6 +358,7 @@ def plot_bandwidth(rows: list[dict], context: dict, path: Path) -> bool:
         return False
     dtype, allocator = sweep_rows[0]["dtype"], sweep_rows[-1]["allocator"]
     sweep_rows = [r for r in sweep_rows if r["dtype"] == dtype and r["allocator"] == allocator]
+    sides = sorted({int(r["shape"].split("x")[-1]) for r in sweep_rows})
     fig, axes = plt.subplots(1, len(DIRECTIONS), figsize=(15, 5.6), sharey=True)
     for ax, direction in zip(axes, DIRECTIONS, strict=True):
         these = [r for r in sweep_rows if r["direction"] == direction]
@@ -371,7 +372,7 @@ def plot_bandwidth(rows: list[dict], context: dict, path: Path) -> bool:
                 label="same-run copy (read + write)")  # fmt: skip
         ax.set_xscale("log", base=2)
         ax.set_title(direction)
-        ax.set_xlabel("input x, bytes (x = (8, 64, s, s), s = 8 ... 256)")
+        ax.set_xlabel(f"input x, bytes (x = (8, 64, s, s), s = {sides[0]} ... {sides[-1]})")
         ax.grid(True, which="both", alpha=0.3)
     axes[0].set_ylabel("effective bandwidth, GB/s\n(minimal bytes / median time)")
     axes[-1].legend(fontsize=8)
@@ -580,6 +581,7 @@ def plot_small(rows: list[dict], context: dict, path: Path) -> None:
             ax.axhline(1.0, color="black", linestyle=(0, (6, 3)), linewidth=1.2,
                        label="eager (= 1)")  # fmt: skip
             ax.set_xscale("log", base=2)
+            ax.set_yscale("log", base=2)
             ax.set_title(f"{titles.get(case, case)}: {direction}")
             ax.set_ylabel("speed-up over eager\n(eager's time per call / provider's)")
             ax.grid(True, which="both", alpha=0.3)

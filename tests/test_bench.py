@@ -38,12 +38,12 @@ def test_bench_writes_results_and_plot(tmp_path, capsys):
 def test_plot_covers_the_sweep(tmp_path):
     pytest.importorskip("matplotlib")
     rows = [
-        {"case": "sweep 1", "layout": "contiguous", "dtype": "float32", "allocator": "reuse",
-         "direction": direction, "provider": provider, "input_bytes": size, "gbps": gbps,
-         "copy_gbps": 10.0}
+        {"case": "sweep 1", "shape": f"8x64x{side}x{side}", "layout": "contiguous",
+         "dtype": "float32", "allocator": "reuse", "direction": direction, "provider": provider,
+         "input_bytes": 8 * 64 * side * side * 4, "gbps": gbps, "copy_gbps": 10.0}
         for direction in bench.DIRECTIONS
         for provider, gbps in [("native", 8.0), ("eager", 2.0)]
-        for size in (1024, 4096)
+        for side in (8, 16)
     ]  # fmt: skip
     context = {"device": "test", "torch": "x", "date": "2026-11-28T00:00:00"}
     assert bench.plot_bandwidth(rows, context, tmp_path / "plot.png")
