@@ -4,7 +4,6 @@ side (fake kernels and the Triton backend). See csrc/crelu.h for the plan."""
 import math
 
 import torch
-from torch._prims_common import compute_elementwise_output_strides
 
 try:
     from torch._prims_common import is_non_overlapping_and_dense_or_false as _is_dense
@@ -60,19 +59,74 @@ def _is_channels_last_strides(sizes, strides, order) -> bool:
     return True
 
 
-def output_memory_format(x: torch.Tensor) -> torch.memory_format:
-    """The memory format of ``torch.cat([relu(x), relu(-x)])``: that of relu(x),
-    which keeps x's strides when x is dense and otherwise lays out a dense
-    tensor in x's stride order."""
-    if x.dim() not in (4, 5):
-        return torch.contiguous_format
-    dense = _is_dense(x)
-    strides = x.stride() if dense else compute_elementwise_output_strides(x)
-    if x.dim() == 4 and _is_channels_last_strides(x.shape, strides, (1, 3, 2, 0)):
+def _suggest_memory_format(sizes, strides) -> torch.memory_format:
+    # TensorBase::suggest_memory_format for a tensor of these sizes and strides.
+    if len(sizes) == 4 and _is_channels_last_strides(sizes, strides, (1, 3, 2, 0)):
         return torch.channels_last
-    if x.dim() == 5 and _is_channels_last_strides(x.shape, strides, (1, 4, 3, 2, 0)):
+    if len(sizes) == 5 and _is_channels_last_strides(sizes, strides, (1, 4, 3, 2, 0)):
         return torch.channels_last_3d
     return torch.contiguous_format
+
+
+def _is_contiguous_strides(sizes, strides) -> bool:
+    # c10's compute_contiguous: dims of size 1 may have any stride.
+    expected = 1
+    for size, stride in reversed(tuple(zip(sizes, strides, strict=True))):
+        if size != 1:
+            if stride != expected:
+                return False
+            expected *= size
+    return True
+
+
+def _dense_strides_in_stride_order(sizes, strides) -> list:
+    # at::infer_dense_strides: the dense strides TensorIterator gives the output
+    # of an element-wise op on a tensor that is not dense (an insertion sort
+    # of the dims by stride that leaves stride-0 dims where they are).
+    ndim = len(sizes)
+    perm = list(reversed(range(ndim)))  # innermost first
+    for i in range(1, ndim):
+        inner = i
+        for outer in range(i - 1, -1, -1):
+            a, b = perm[outer], perm[inner]
+            if strides[a] == 0 or strides[b] == 0:
+                comparison = 0
+            elif strides[a] != strides[b]:
+                comparison = 1 if strides[a] > strides[b] else -1
+            else:
+                comparison = 1 if sizes[a] > sizes[b] else 0
+            if comparison > 0:
+                perm[outer], perm[inner] = perm[inner], perm[outer]
+                inner = outer
+            elif comparison < 0:
+                break
+    dense = [0] * ndim
+    step = 1
+    for d in perm:
+        dense[d] = step
+        step *= max(sizes[d], 1)
+    return dense
+
+
+def output_memory_format(x: torch.Tensor) -> torch.memory_format:
+    """The memory format of ``torch.cat([relu(x), relu(-x)], dim)``, for every
+    dim. torch.cat allocates its output in the format its inputs' strides
+    suggest, contiguous unless all agree; relu and neg lay out their outputs by
+    TensorIterator's rules: canonical strides when the input is contiguous
+    (checked first: size-1 dims make a tensor both) or channels_last
+    contiguous, the input's strides when it is otherwise dense, else dense
+    strides in the input's stride order. relu(-x) applies those rules twice.
+    csrc/ops.cpp has the same function."""
+    if x.dim() not in (4, 5) or x.is_contiguous():
+        return torch.contiguous_format
+    if _is_dense(x):
+        if x.is_contiguous(memory_format=torch.channels_last):
+            return torch.channels_last
+        return _suggest_memory_format(x.shape, x.stride())
+    strides = _dense_strides_in_stride_order(x.shape, x.stride())
+    if _is_contiguous_strides(x.shape, strides):
+        return torch.contiguous_format  # relu(-x) gets canonical contiguous strides
+    return _suggest_memory_format(x.shape, strides)
 
 
 def memory_order(ndim: int, memory_format: torch.memory_format) -> tuple[int, ...]:

@@ -1,18 +1,25 @@
-"""``python -m crelu_ext bench``: CReLU against its peers and the copy roofline.
+"""``python -m crelu_ext bench``: CReLU against its peers and a same-run copy.
 
 Method (SPEC section 5): effective bandwidth = minimal bytes / median time.
 With E input elements: forward (inference, no mask) reads E and writes 2E;
 backward reads the 2E gradient and the 2-bit mask and writes E; forward+backward
-is both, the forward also writing the mask. The roofline is a same-run
+is both, the forward also writing the mask. The copy reference is a same-run
 ``dst.copy_(src)`` of a tensor the size of the output, counting its read and
-write. Every figure of a run comes from that run, on one device.
+write. It is no roofline: a copy's stores first read each destination line
+(read for ownership), which the fused kernels' non-temporal stores skip, so
+they can beat it. Every figure of a run comes from that run, on one device.
+
+``--sizes small`` times instead the per-call cost at 2^10 to 2^20 elements,
+where launch and framework overhead decide: an MLP activation (B, 256) with
+dim=-1 and an NCHW one (B, 16, 8, 8) with dim=1, forward and forward+backward,
+interleaving the providers round by round.
 
 On CPU the allocator decides much of the result. glibc's malloc maps every
 allocation over 32 MB afresh, so each call's output pages fault on first
 touch and the OS zeroes them: every provider then runs at the page-fault rate
 ("system"). Caching allocators (jemalloc, tcmalloc, and the CUDA allocator on
 GPUs) reuse memory; "reuse" gets the same from glibc by raising its mmap and
-trim thresholds, and shows what the kernels themselves do. The roofline copy
+trim thresholds, and shows what the kernels themselves do. The same-run copy
 writes into a preallocated tensor in both.
 """
 
@@ -35,6 +42,8 @@ from . import __version__, reference
 from .backends import available_backends, crelu
 
 DIRECTIONS = ("forward", "backward", "forward+backward")
+# Untracked (.gitignore): a plain run leaves the checkout clean.
+DEFAULT_OUT = "bench-results"
 
 
 @dataclass(frozen=True)
@@ -325,9 +334,20 @@ def append_results(rows: list[dict], context: dict, path: Path) -> None:
             writer.writerow({**context, **row})
 
 
+# Line styles that keep overlapping series apart (compile and compile-catcopy
+# often coincide).
+PROVIDER_STYLES = {
+    "native": {"marker": "o", "linestyle": "-", "linewidth": 2.2},
+    "triton": {"marker": "s", "linestyle": "-"},
+    "eager": {"marker": "^", "linestyle": "--"},
+    "compile": {"marker": "D", "linestyle": "-.", "markersize": 8, "fillstyle": "none"},
+    "compile-catcopy": {"marker": "x", "linestyle": ":", "markersize": 7},
+}
+
+
 def plot_bandwidth(rows: list[dict], context: dict, path: Path) -> bool:
     """GB/s against input size over the sweep, one line per provider and the
-    copy roofline, one panel per direction. False when the run had no sweep."""
+    same-run copy, one panel per direction. False when the run had no sweep."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -338,34 +358,282 @@ def plot_bandwidth(rows: list[dict], context: dict, path: Path) -> bool:
         return False
     dtype, allocator = sweep_rows[0]["dtype"], sweep_rows[-1]["allocator"]
     sweep_rows = [r for r in sweep_rows if r["dtype"] == dtype and r["allocator"] == allocator]
-    fig, axes = plt.subplots(1, len(DIRECTIONS), figsize=(15, 4.5), sharey=True)
+    sides = sorted({int(r["shape"].split("x")[-1]) for r in sweep_rows})
+    fig, axes = plt.subplots(1, len(DIRECTIONS), figsize=(15, 5.6), sharey=True)
     for ax, direction in zip(axes, DIRECTIONS, strict=True):
         these = [r for r in sweep_rows if r["direction"] == direction]
         for provider in dict.fromkeys(r["provider"] for r in these):
             mine = [r for r in these if r["provider"] == provider]
             points = sorted((r["input_bytes"], r["gbps"]) for r in mine)
-            ax.plot(*zip(*points, strict=True), marker="o", label=provider)
-        roofline = sorted({(r["input_bytes"], r["copy_gbps"]) for r in these})
-        ax.plot(*zip(*roofline, strict=True), "k--", label="copy (roofline)")
+            style = PROVIDER_STYLES.get(provider, {"marker": "o"})
+            ax.plot(*zip(*points, strict=True), label=provider, **style)
+        copy = sorted({(r["input_bytes"], r["copy_gbps"]) for r in these})
+        ax.plot(*zip(*copy, strict=True), color="black", linestyle=(0, (6, 3)), linewidth=1.5,
+                label="same-run copy (read + write)")  # fmt: skip
         ax.set_xscale("log", base=2)
         ax.set_title(direction)
-        ax.set_xlabel("input bytes")
+        ax.set_xlabel(f"input x, bytes (x = (8, 64, s, s), s = {sides[0]} ... {sides[-1]})")
         ax.grid(True, which="both", alpha=0.3)
-    axes[0].set_ylabel("effective GB/s")
+    axes[0].set_ylabel("effective bandwidth, GB/s\n(minimal bytes / median time)")
     axes[-1].legend(fontsize=8)
     fig.suptitle(
-        f"CReLU, {dtype}, (8, 64, s, s) contiguous, {allocator} allocator: {context['device']}, "
+        f"CReLU, {dtype}, contiguous, {allocator} allocator: {context['device']}, "
         f"torch {context['torch']}, {context['date'][:10]}"
     )
-    fig.tight_layout()
+    fig.text(
+        0.01,
+        0.01,
+        "Minimal bytes for E input elements: forward reads E and writes 2E elements; backward "
+        "reads the 2E gradient and the 2-bit mask and writes E; forward+backward is both.\n"
+        "Same-run copy: dst.copy_(src) of an output-sized tensor in the same run, counting its "
+        "read and write. It is not a roofline: a copy's ordinary stores first read each\n"
+        "destination cache line (read for ownership), while the fused kernels write large "
+        "outputs with non-temporal stores that skip that read, so they can beat the copy.",
+        fontsize=8.5,
+        va="bottom",
+    )
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
 
 
+def print_summary(rows: list[dict]) -> None:
+    """Per shape: native's speed-ups over eager and torch.compile, and its
+    fraction of the same-run copy's bandwidth."""
+    native = [r for r in rows if r["provider"] == "native"]
+    if not native:
+        return
+    print("\nsummary, native (speed-up = other's time / native's; copy = native GB/s / copy GB/s):")
+    cases = dict.fromkeys((r["shape"], r["layout"], r["dtype"], r["allocator"]) for r in native)
+    for shape, layout, dtype, allocator in cases:
+        parts = []
+        for r in native:
+            if (r["shape"], r["layout"], r["dtype"], r["allocator"]) == (shape, layout, dtype,
+                                                                        allocator):  # fmt: skip
+                parts.append(
+                    f"{r['direction']} {ratio(r['speedup_vs_eager'])} eager, "
+                    f"{ratio(r['speedup_vs_compile'])} compile, "
+                    f"{r['fraction_of_copy']:.2f} of copy"
+                )
+        print(f"  {shape} {layout} {dtype} {allocator}: " + "; ".join(parts))
+
+
+# ---- --sizes small: per-call cost where overhead decides ----
+
+SMALL_LOG2_SIZES = range(10, 21)
+
+
+def small_shapes() -> list[tuple[str, tuple[int, ...], int]]:
+    """(case, shape, dim) for 2^10 to 2^20 elements: MLP (B, 256) with dim=-1
+    and NCHW (B, 16, 8, 8) with dim=1."""
+    shapes = []
+    for log2 in SMALL_LOG2_SIZES:
+        shapes.append(("mlp", (2**log2 // 256, 256), -1))
+    for log2 in SMALL_LOG2_SIZES:
+        shapes.append(("nchw", (2**log2 // 1024, 16, 8, 8), 1))
+    return shapes
+
+
+def time_per_call(run, device: torch.device, calls: int) -> tuple[float, float]:
+    """(seconds per call, host seconds per call) over ``calls`` back-to-back calls:
+    on CUDA the first waits for the GPU, the second only for the launches."""
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        run()
+    host = time.perf_counter() - t0
+    if cuda:
+        torch.cuda.synchronize(device)
+    return (time.perf_counter() - t0) / calls, host / calls
+
+
+def run_small(case, dims, dim, dtype, device, fns: dict, rounds: int) -> list[dict]:
+    """Interleaved: each round times every provider once, in a rotating order,
+    and the medians over rounds are reported."""
+    x = torch.randn(dims, dtype=dtype, device=device)
+    xg = x.detach().requires_grad_(True)
+    grad = torch.randn_like(torch.cat([x, x], dim))
+
+    def forward(fn):
+        def run():
+            with torch.no_grad():
+                fn(x, dim)
+
+        return run
+
+    def forward_backward(fn):
+        return lambda: torch.autograd.grad(fn(xg, dim), xg, grad)
+
+    steps_by_direction = {"forward": forward, "forward+backward": forward_backward}
+    rows = []
+    for direction, make_step in steps_by_direction.items():
+        runs = {name: make_step(fn) for name, fn in fns.items()}
+        for run in runs.values():  # compiles, warms up
+            for _ in range(3):
+                run()
+        # About 2 ms of calls per measurement.
+        calls = {
+            name: max(5, min(2000, int(2e-3 / time_per_call(run, device, 5)[0])))
+            for name, run in runs.items()
+        }
+        samples = {name: [] for name in runs}
+        names = list(runs)
+        for r in range(rounds):
+            for name in names[r % len(names) :] + names[: r % len(names)]:
+                samples[name].append(time_per_call(runs[name], device, calls[name]))
+        medians = {
+            name: (
+                statistics.median(t for t, _ in these),
+                statistics.median(h for _, h in these),
+            )
+            for name, these in samples.items()
+        }
+        for name, (seconds, host) in medians.items():
+            rows.append(
+                {
+                    "case": case,
+                    "shape": "x".join(map(str, dims)),
+                    "dim": dim,
+                    "elements": x.numel(),
+                    "dtype": str(dtype).removeprefix("torch."),
+                    "direction": direction,
+                    "provider": name,
+                    "us_per_call": seconds * 1e6,
+                    "host_us_per_call": host * 1e6,
+                    "speedup_vs_eager": medians["eager"][0] / seconds if "eager" in medians else "",
+                    "speedup_vs_compile": (
+                        medians["compile"][0] / seconds if "compile" in medians else ""
+                    ),
+                }
+            )
+    return rows
+
+
+def print_small_table(rows: list[dict], device: torch.device) -> None:
+    host = device.type == "cuda"
+    header = (
+        f"{'case':>5} {'shape':>14} {'dim':>4} {'direction':>16} {'provider':>10} "
+        f"{'us/call':>9} " + (f"{'host us':>8} " if host else "") + f"{'vs eager':>8} "
+        f"{'vs compile':>10}"
+    )
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        print(
+            f"{r['case']:>5} {r['shape']:>14} {r['dim']:>4} {r['direction']:>16} "
+            f"{r['provider']:>10} {r['us_per_call']:9.2f} "
+            + (f"{r['host_us_per_call']:8.2f} " if host else "")
+            + f"{ratio(r['speedup_vs_eager']):>8} {ratio(r['speedup_vs_compile']):>10}"
+        )
+
+
+def print_small_summary(rows: list[dict]) -> None:
+    """The worst ratio of each provider over the sizes, per case and direction."""
+    print("\nsummary, worst speed-up over 2^10..2^20 elements (eager's time / provider's):")
+    keys = dict.fromkeys((r["case"], r["direction"], r["provider"]) for r in rows)
+    for case, direction, provider in keys:
+        if provider == "eager":
+            continue
+        mine = [
+            r
+            for r in rows
+            if (r["case"], r["direction"], r["provider"]) == (case, direction, provider)
+            and r["speedup_vs_eager"] != ""
+        ]
+        if mine:
+            worst = min(mine, key=lambda r: r["speedup_vs_eager"])
+            print(
+                f"  {case:>4} {direction:>16} {provider:>10}: {ratio(worst['speedup_vs_eager'])} "
+                f"at {worst['elements']} elements"
+            )
+
+
+def plot_small(rows: list[dict], context: dict, path: Path) -> None:
+    """Speed-up over eager against elements: a panel per case and direction."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cases = list(dict.fromkeys(r["case"] for r in rows))
+    directions = list(dict.fromkeys(r["direction"] for r in rows))
+    fig, axes = plt.subplots(
+        len(cases), len(directions), figsize=(12, 4 * len(cases)), sharex=True, squeeze=False
+    )
+    titles = {"mlp": "MLP (B, 256), dim=-1", "nchw": "NCHW (B, 16, 8, 8), dim=1"}
+    for i, case in enumerate(cases):
+        for j, direction in enumerate(directions):
+            ax = axes[i][j]
+            these = [r for r in rows if r["case"] == case and r["direction"] == direction]
+            for provider in dict.fromkeys(r["provider"] for r in these):
+                if provider == "eager":
+                    continue
+                points = sorted(
+                    (r["elements"], r["speedup_vs_eager"])
+                    for r in these
+                    if r["provider"] == provider
+                )
+                style = PROVIDER_STYLES.get(provider, {"marker": "o"})
+                ax.plot(*zip(*points, strict=True), label=provider, **style)
+            ax.axhline(1.0, color="black", linestyle=(0, (6, 3)), linewidth=1.2,
+                       label="eager (= 1)")  # fmt: skip
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log", base=2)
+            ax.set_title(f"{titles.get(case, case)}: {direction}")
+            ax.set_ylabel("speed-up over eager\n(eager's time per call / provider's)")
+            ax.grid(True, which="both", alpha=0.3)
+            if i == len(cases) - 1:
+                ax.set_xlabel("input elements")
+    axes[0][-1].legend(fontsize=8)
+    fig.suptitle(
+        f"CReLU per call, {rows[0]['dtype']}, small sizes: {context['device']}, "
+        f"torch {context['torch']}, {context['date'][:10]}"
+    )
+    fig.text(
+        0.01,
+        0.005,
+        "Eager: torch.cat([torch.relu(x), torch.relu(-x)], dim). Each point: median over "
+        "interleaved rounds of back-to-back calls; above 1 the provider is faster than eager.",
+        fontsize=8.5,
+    )
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def parse_shape(spec: str) -> Shape:
     dims, _, layout = spec.partition(":")
     return Shape(f"custom {dims}", tuple(int(d) for d in dims.split(",")), layout or "contiguous")
+
+
+def run_small_sweep(args, device: torch.device, dtype, context: dict) -> None:
+    from tqdm import tqdm
+
+    names = args.providers.split(",") if args.providers else None
+    fns = providers(device, names or [*available_native(device), "eager", "compile"])
+    shapes = small_shapes()
+    rows = []
+    for case, dims, dim in tqdm(shapes, desc="bench small", unit="case", file=sys.stderr):
+        rows += run_small(case, dims, dim, dtype, device, fns, rounds=args.reps)
+    print_small_table(rows, device)
+    print_small_summary(rows)
+    if args.no_save:
+        return
+    args.out.mkdir(parents=True, exist_ok=True)
+    csv_path = args.out / f"bench_small_{device.type}.csv"
+    append_results(rows, context, csv_path)
+    print(f"appended to {csv_path}", file=sys.stderr)
+    plot_path = args.out / f"small_{device.type}.png"
+    plot_small(rows, context, plot_path)
+    print(f"plot: {plot_path}", file=sys.stderr)
+
+
+def available_native(device: torch.device) -> list[str]:
+    """The fused backends on ``device``."""
+    return [b for b in available_backends(device) if b != "reference"]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -399,7 +667,20 @@ def main(argv: list[str] | None = None) -> None:
         default="both",
         help="CPU only: how output memory is obtained (see above); default both",
     )
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument(
+        "--sizes",
+        choices=["large", "small"],
+        default="large",
+        help="large: bandwidth at the shapes above (default); small: time per call at "
+        "2^10..2^20 elements, MLP (B, 256) dim=-1 and NCHW dim=1",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path(DEFAULT_OUT),
+        help=f"results folder (default {DEFAULT_OUT}/, untracked); --out benchmarks/results "
+        "refreshes the committed figures",
+    )
     parser.add_argument("--no-save", action="store_true", help="print only; save nothing")
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
@@ -420,6 +701,9 @@ def main(argv: list[str] | None = None) -> None:
     # Every case compiles each torch.compile provider anew (grad mode, shape,
     # layout, dtype): more graphs than Dynamo's default limit of 8 per function.
     torch._dynamo.config.recompile_limit = 1024
+    if args.sizes == "small":
+        run_small_sweep(args, device, getattr(torch, args.dtype), context)
+        return
     fns = providers(device, args.providers.split(",") if args.providers else None)
     measure = timer(device, args.reps)
     if device.type == "cuda":
@@ -441,6 +725,7 @@ def main(argv: list[str] | None = None) -> None:
                 progress.update()
     progress.close()
     print_table(rows)
+    print_summary(rows)
     if args.no_save:
         return
     args.out.mkdir(parents=True, exist_ok=True)

@@ -59,25 +59,57 @@ int64_t wrap_dim(const at::Tensor& t, int64_t dim, const char* op) {
   return dim < 0 ? dim + ndim : dim;
 }
 
-}  // namespace
-
-// The memory format torch.cat([relu(x), relu(-x)]) gives: that of relu(x),
-// which keeps x's strides when x is dense and otherwise lays out a dense
-// tensor in x's stride order (TensorIterator).
-at::MemoryFormat output_memory_format(const at::Tensor& x) {
-  const std::vector<int64_t> strides =
-      x.is_non_overlapping_and_dense()
-          ? x.strides().vec()
-          : at::infer_dense_strides(x.sizes(), x.strides());
-  if (x.dim() == 4 &&
-      c10::is_channels_last_strides_2d(x.sizes(), at::IntArrayRef(strides))) {
+// TensorBase::suggest_memory_format for a tensor of these sizes and strides.
+at::MemoryFormat suggested_memory_format(at::IntArrayRef sizes,
+                                         at::IntArrayRef strides) {
+  if (c10::is_channels_last_strides_2d(sizes, strides)) {
     return at::MemoryFormat::ChannelsLast;
   }
-  if (x.dim() == 5 &&
-      c10::is_channels_last_strides_3d(x.sizes(), at::IntArrayRef(strides))) {
+  if (c10::is_channels_last_strides_3d(sizes, strides)) {
     return at::MemoryFormat::ChannelsLast3d;
   }
   return at::MemoryFormat::Contiguous;
+}
+
+// c10's compute_contiguous: dims of size 1 may have any stride.
+bool has_contiguous_strides(at::IntArrayRef sizes, at::IntArrayRef strides) {
+  int64_t expected = 1;
+  for (int64_t d = static_cast<int64_t>(sizes.size()) - 1; d >= 0; --d) {
+    if (sizes[d] != 1) {
+      if (strides[d] != expected) {
+        return false;
+      }
+      expected *= sizes[d];
+    }
+  }
+  return true;
+}
+
+}  // namespace
+
+// The memory format of torch.cat([relu(x), relu(-x)], dim), for every dim.
+// torch.cat allocates its output in the format its inputs' strides suggest,
+// contiguous unless all agree; relu and neg lay out their outputs by
+// TensorIterator's rules: canonical strides when the input is contiguous
+// (checked first: size-1 dims make a tensor both) or channels_last
+// contiguous, the input's strides when it is otherwise dense, else dense
+// strides in the input's stride order. relu(-x) applies those rules twice.
+// crelu_ext/_layout.py has the same function for the fake kernels.
+at::MemoryFormat output_memory_format(const at::Tensor& x) {
+  if ((x.dim() != 4 && x.dim() != 5) || x.is_contiguous()) {
+    return at::MemoryFormat::Contiguous;
+  }
+  if (x.is_non_overlapping_and_dense()) {
+    return x.is_contiguous(at::MemoryFormat::ChannelsLast)
+               ? at::MemoryFormat::ChannelsLast
+               : x.suggest_memory_format();
+  }
+  const std::vector<int64_t> strides =
+      at::infer_dense_strides(x.sizes(), x.strides());
+  if (has_contiguous_strides(x.sizes(), strides)) {
+    return at::MemoryFormat::Contiguous;  // relu(-x) is laid out canonically
+  }
+  return suggested_memory_format(x.sizes(), strides);
 }
 
 namespace {

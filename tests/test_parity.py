@@ -1,11 +1,14 @@
 """Every backend against the reference, bitwise, forward and backward, over
 shapes x dtypes x layouts x every dim, with special values."""
 
+import itertools
+
 import pytest
 import torch
 from helpers import LAYOUTS, assert_bitwise_equal, crelu_and_grad, make_input, skip_unsupported
 
 import crelu_ext
+from crelu_ext._layout import allocate_forward
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 SHAPES = [
@@ -46,6 +49,77 @@ def test_forward_and_backward_match_reference(backend_device, shape, layout, dty
         assert_bitwise_equal(grad_x, expected_grad, f"backward dim={dim}")
         with torch.no_grad():
             assert_bitwise_equal(crelu_ext.crelu(x, dim, backend=backend), expected, "no_grad")
+
+
+# Shapes with size-1 dims: there strides do not fix a memory format, and
+# torch.cat's choice follows TensorIterator's and suggest_memory_format's rules.
+AMBIGUOUS_SHAPES = [
+    *(s for s in itertools.product((1, 2, 3), repeat=4) if 1 in s),
+    *(s for s in itertools.product((1, 2), repeat=5) if 1 in s),
+    (2, 1, 5, 7),
+    (1, 3, 1, 1),
+    (1, 3, 1, 1, 1),
+]
+
+
+def size_one_strides(t, stride):
+    """t with `stride` on its size-1 dims: the same memory, other strides."""
+    strides = [stride if size == 1 else st for size, st in zip(t.shape, t.stride(), strict=True)]
+    return t.as_strided(t.shape, strides)
+
+
+def canonical(t) -> bool:
+    """Whether t has the strides torch.empty gives in some memory format."""
+    formats = [torch.contiguous_format]
+    formats += {4: [torch.channels_last], 5: [torch.channels_last_3d]}.get(t.dim(), [])
+    return any(t.stride() == torch.empty(t.shape, memory_format=f).stride() for f in formats)
+
+
+def ambiguous_layouts(x):
+    """(name, tensor, backward strides checked): x contiguous, converted to
+    channels_last(_3d), with other strides on its size-1 dims, with its last
+    two dims swapped in memory, and sliced. Autograd through torch.cat gives
+    x's gradient x's own stride order, which the op's backward (one memory
+    format) matches for the first four where a memory format can express it."""
+    channels_last = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
+    converted = x.to(memory_format=channels_last)
+    yield "contiguous", x, True
+    yield str(channels_last), converted, True
+    for base, name in ((x, "contiguous"), (converted, str(channels_last))):
+        for stride in (1, 1000):
+            yield f"{name}, size-1 strides {stride}", size_one_strides(base, stride), True
+    yield "last two dims swapped", x.mT.contiguous().mT, False
+    yield "sliced", torch.cat([x, x], -1)[..., ::2], False
+
+
+@pytest.mark.parametrize("shape", AMBIGUOUS_SHAPES, ids=str)
+def test_strides_follow_torch_cat_when_the_layout_is_ambiguous(backend_device, shape):
+    backend, device = backend_device
+    if (backend, device) == ("triton", "cpu") and shape[1] != 1:
+        pytest.skip("a sample: every shape takes minutes in Triton's interpreter")
+    x0 = make_input(shape, torch.float32, device)
+    for name, x, check_grad_strides in ambiguous_layouts(x0):
+        for dim in range(x.dim()):
+            what = f"{name} {tuple(x.stride())} dim={dim}"
+            expected = torch.cat([torch.relu(x), torch.relu(-x)], dim)
+            grad = make_input(expected.shape, torch.float32, device, seed=dim + 1)
+            _, expected_grad = crelu_and_grad(x, dim, grad, "reference")
+            out, grad_x = crelu_and_grad(x, dim, grad, backend)
+            assert_bitwise_equal(out, expected, what)
+            assert out.stride() == expected.stride(), f"{what}: strides differ from torch.cat"
+            assert_bitwise_equal(grad_x, expected_grad, f"backward {what}")
+            if check_grad_strides and canonical(expected_grad):
+                assert grad_x.stride() == expected_grad.stride(), f"backward {what}: strides"
+
+
+def test_fake_kernels_give_torch_cat_strides():
+    # The fake kernels and the Triton backend allocate with _layout's rules.
+    for shape in AMBIGUOUS_SHAPES:
+        for name, x, _ in ambiguous_layouts(torch.randn(shape)):
+            for dim in range(x.dim()):
+                expected = torch.cat([torch.relu(x), torch.relu(-x)], dim)
+                out, _ = allocate_forward(x, dim, save_mask=False)
+                assert out.stride() == expected.stride(), f"{shape} {name} dim={dim}"
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
