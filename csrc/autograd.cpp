@@ -101,13 +101,17 @@ class AdjointNode : public torch::autograd::TraceableFunction {
 };
 
 // The node for an op with tensor input `input`, when autograd records it.
+// `memory_format_of` is called only then: reading x's strides would
+// specialize symbolic sizes under torch.export.
+template <typename MemoryFormatOf>
 c10::intrusive_ptr<AdjointNode> record(
     const at::Tensor& input, const char* name,
     const c10::TypedOperatorHandle<MaskedOp>& adjoint, int64_t dim,
-    at::MemoryFormat memory_format) {
+    MemoryFormatOf memory_format_of) {
   if (!torch::autograd::compute_requires_grad(input)) {
     return nullptr;
   }
+  const at::MemoryFormat memory_format = memory_format_of();
   auto node =
       c10::make_intrusive<AdjointNode>(name, adjoint, dim, memory_format);
   node->set_next_edges(torch::autograd::collect_next_edges(input));
@@ -128,8 +132,8 @@ at::Tensor crelu_tangent(const at::Tensor& x_t, const at::Tensor& out,
 
 std::tuple<at::Tensor, at::Tensor> crelu_autograd(const at::Tensor& x,
                                                   int64_t dim, bool save_mask) {
-  const auto grad_fn =
-      record(x, "CreluBackward0", backward_op(), dim, output_memory_format(x));
+  const auto grad_fn = record(x, "CreluBackward0", backward_op(), dim,
+                              [&] { return output_memory_format(x); });
   auto [out, mask] = [&] {
     at::AutoDispatchBelowADInplaceOrView guard;
     // The mask is written whenever the backward will need it.
@@ -155,7 +159,8 @@ at::Tensor masked_autograd(const c10::TypedOperatorHandle<MaskedOp>& op,
                            at::Tensor (*tangent_input)(const at::Tensor&),
                            const at::Tensor& grad, const at::Tensor& mask,
                            int64_t dim, at::MemoryFormat memory_format) {
-  const auto grad_fn = record(grad, name, adjoint, dim, memory_format);
+  const auto grad_fn =
+      record(grad, name, adjoint, dim, [=] { return memory_format; });
   at::Tensor out = [&] {
     at::AutoDispatchBelowADInplaceOrView guard;
     return op.call(grad, mask, dim, memory_format);
