@@ -187,13 +187,8 @@ step bench-fp32 150 "$PYTHON" -m crelu_ext bench "${bench_args[@]}" --dtype floa
 step bench-bf16 120 "$PYTHON" -m crelu_ext bench "${bench_args[@]}" --dtype bfloat16 --out "$OUT"
 
 # --- 4. small-size sweep ----------------------------------------------------
-# PLACEHOLDER for engineer "perf": `python -m crelu_ext bench --sizes small`.
-# Until bench has that option this step is recorded as skipped, not run.
-if "$PYTHON" -m crelu_ext bench --help 2>/dev/null | grep -q -- "--sizes"; then
-  step bench-small 80 "$PYTHON" -m crelu_ext bench "${bench_args[@]}" --sizes small --out "$OUT"
-else
-  record bench-small skipped 0 "python -m crelu_ext bench has no --sizes option yet"
-fi
+# Per-call time at 2^10..2^20 elements, with the host time per call beside eager's.
+step bench-small 80 "$PYTHON" -m crelu_ext bench "${bench_args[@]}" --sizes small --out "$OUT"
 
 # --- 5. compute-sanitizer over every CUDA and Triton kernel -----------------
 if ((DRY_RUN)); then
