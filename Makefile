@@ -67,12 +67,12 @@ cmake-test: $(VENV)/.installed
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/clang-format --dry-run --Werror $(filter-out setup.py,$(SOURCES)) tests/cpp/*.cpp
+	$(VENV)/bin/clang-format --dry-run --Werror $(filter-out setup.py,$(SOURCES)) tests/cpp/*.cpp tests/cpp/*.h
 
 format: $(VENV)/.installed
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
-	$(VENV)/bin/clang-format -i $(filter-out setup.py,$(SOURCES)) tests/cpp/*.cpp
+	$(VENV)/bin/clang-format -i $(filter-out setup.py,$(SOURCES)) tests/cpp/*.cpp tests/cpp/*.h
 
 clean:
 	rm -rf build crelu_ext/_C*.so *.egg-info

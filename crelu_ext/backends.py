@@ -9,7 +9,7 @@ import os
 
 import torch
 
-from . import ops, reference, triton_kernels
+from . import _onnx, ops, reference, triton_kernels
 from ._layout import check_input
 
 BACKENDS = ("native", "triton", "reference")
@@ -87,6 +87,8 @@ def crelu(x: torch.Tensor, dim: int = 1, backend: str = "auto") -> torch.Tensor:
     """CReLU, ``cat([relu(x), relu(-x)], dim)``, bitwise equal to
     :func:`crelu_ext.reference.crelu` forward and backward, in one fused pass
     that saves only 2 bits per element for backward."""
+    if not torch.compiler.is_dynamo_compiling() and _onnx.exporting():
+        return reference.crelu(x, dim)  # standard ONNX ops, for either exporter
     override = _backend_override() if backend == "auto" else None
     try:
         key = (backend, override, x.device)

@@ -9,26 +9,17 @@
 #include <torch/csrc/autograd/forward_grad.h>
 
 #include <cstdint>
-#include <cstring>
-#include <iostream>
 #include <limits>
 #include <string>
 #include <tuple>
 #include <vector>
 
+#include "checks.h"
+
 namespace {
 
-int passed = 0;
-int failed = 0;
-
-void check(bool ok, const std::string& what) {
-  if (ok) {
-    ++passed;
-  } else {
-    ++failed;
-    std::cerr << "FAILED: " << what << "\n";
-  }
-}
+using crelu_ext_test::check;
+using crelu_ext_test::same_bits;
 
 const auto crelu_op = c10::Dispatcher::singleton()
                           .findSchemaOrThrow("crelu_ext::crelu", "")
@@ -43,27 +34,6 @@ at::Tensor crelu(const at::Tensor& x, int64_t dim) {
 
 at::Tensor composition(const at::Tensor& x, int64_t dim) {
   return at::cat({at::relu(x), at::relu(-x)}, dim);
-}
-
-// Same sizes, dtype and bits, except that NaNs need only be NaN in both.
-bool same_bits(const at::Tensor& a, const at::Tensor& b) {
-  if (!a.defined() || !b.defined() || a.sizes() != b.sizes() ||
-      a.scalar_type() != b.scalar_type()) {
-    return false;
-  }
-  const at::Tensor ac = a.detach().contiguous(), bc = b.detach().contiguous();
-  const at::Tensor nan = at::isnan(ac).contiguous();
-  if (!at::equal(nan, at::isnan(bc))) return false;
-  const auto* pa = static_cast<const char*>(ac.const_data_ptr());
-  const auto* pb = static_cast<const char*>(bc.const_data_ptr());
-  const bool* is_nan = nan.const_data_ptr<bool>();
-  const int64_t size = ac.element_size();
-  for (int64_t i = 0; i < ac.numel(); ++i) {
-    if (!is_nan[i] && std::memcmp(pa + i * size, pb + i * size, size) != 0) {
-      return false;
-    }
-  }
-  return true;
 }
 
 // Random values, every 3rd element special: +-0, +-inf, NaN, subnormals.
@@ -156,6 +126,5 @@ int main() {
     check_case({4, 6, 5}, -1, dtype);
     check_case({3, 70}, 0, dtype);
   }
-  std::cout << passed << " passed, " << failed << " failed\n";
-  return failed == 0 ? 0 : 1;
+  return crelu_ext_test::report();
 }

@@ -8,8 +8,6 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <cstring>
-#include <iostream>
 #include <iterator>
 #include <limits>
 #include <numeric>
@@ -18,19 +16,12 @@
 #include <type_traits>
 #include <vector>
 
+#include "checks.h"
+
 namespace {
 
-int passed = 0;
-int failed = 0;
-
-void check(bool ok, const std::string& what) {
-  if (ok) {
-    ++passed;
-  } else {
-    ++failed;
-    std::cerr << "FAILED: " << what << "\n";
-  }
-}
+using crelu_ext_test::check;
+using crelu_ext_test::same_bits;
 
 auto op(const char* name) {
   return c10::Dispatcher::singleton().findSchemaOrThrow(name, "");
@@ -43,27 +34,6 @@ using MaskedOp = at::Tensor(const at::Tensor&, const at::Tensor&, int64_t,
 const auto crelu_backward = op("crelu_ext::crelu_backward").typed<MaskedOp>();
 const auto crelu_backward_backward =
     op("crelu_ext::crelu_backward_backward").typed<MaskedOp>();
-
-// Same sizes, dtype and bytes per element, except that NaNs (whose sign and
-// payload are not specified) only need to be NaN in both.
-bool same_bits(const at::Tensor& a, const at::Tensor& b) {
-  if (a.sizes() != b.sizes() || a.scalar_type() != b.scalar_type()) {
-    return false;
-  }
-  const at::Tensor ac = a.contiguous(), bc = b.contiguous();
-  const at::Tensor nan = at::isnan(ac).contiguous();
-  if (!at::equal(nan, at::isnan(bc))) return false;
-  const auto* pa = static_cast<const char*>(ac.const_data_ptr());
-  const auto* pb = static_cast<const char*>(bc.const_data_ptr());
-  const bool* is_nan = nan.const_data_ptr<bool>();
-  const int64_t size = ac.element_size();
-  for (int64_t i = 0; i < ac.numel(); ++i) {
-    if (!is_nan[i] && std::memcmp(pa + i * size, pb + i * size, size) != 0) {
-      return false;
-    }
-  }
-  return true;
-}
 
 // Dimensions in memory order, outermost first.
 std::vector<int64_t> memory_order(int64_t ndim, at::MemoryFormat format) {
@@ -254,6 +224,5 @@ int main() {
   check_throws<c10::IndexError>([] { crelu.call(at::ones({2, 3}), -3, false); },
                                 "dim -3 of a 2-D tensor");
 
-  std::cout << passed << " passed, " << failed << " failed\n";
-  return failed == 0 ? 0 : 1;
+  return crelu_ext_test::report();
 }
