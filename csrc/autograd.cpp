@@ -24,7 +24,10 @@
 #include <torch/csrc/autograd/saved_variable.h>
 #include <torch/library.h>
 
+#include <memory>
 #include <tuple>
+#include <type_traits>
+#include <utility>
 
 #include "crelu.h"
 
@@ -100,20 +103,35 @@ class AdjointNode : public torch::autograd::TraceableFunction {
   at::MemoryFormat memory_format_;
 };
 
+// torch holds autograd nodes by std::shared_ptr up to 2.13 and by
+// c10::intrusive_ptr since; Edge::function tells which this torch uses.
+template <typename T>
+using NodePtr =
+    std::conditional_t<std::is_same_v<decltype(torch::autograd::Edge::function),
+                                      std::shared_ptr<torch::autograd::Node>>,
+                       std::shared_ptr<T>, c10::intrusive_ptr<T>>;
+
+template <typename T, typename... Args>
+NodePtr<T> make_node(Args&&... args) {
+  if constexpr (std::is_same_v<NodePtr<T>, std::shared_ptr<T>>) {
+    return std::make_shared<T>(std::forward<Args>(args)...);
+  } else {
+    return c10::make_intrusive<T>(std::forward<Args>(args)...);
+  }
+}
+
 // The node for an op with tensor input `input`, when autograd records it.
 // `memory_format_of` is called only then: reading x's strides would
 // specialize symbolic sizes under torch.export.
 template <typename MemoryFormatOf>
-c10::intrusive_ptr<AdjointNode> record(
-    const at::Tensor& input, const char* name,
-    const c10::TypedOperatorHandle<MaskedOp>& adjoint, int64_t dim,
-    MemoryFormatOf memory_format_of) {
+NodePtr<AdjointNode> record(const at::Tensor& input, const char* name,
+                            const c10::TypedOperatorHandle<MaskedOp>& adjoint,
+                            int64_t dim, MemoryFormatOf memory_format_of) {
   if (!torch::autograd::compute_requires_grad(input)) {
     return nullptr;
   }
   const at::MemoryFormat memory_format = memory_format_of();
-  auto node =
-      c10::make_intrusive<AdjointNode>(name, adjoint, dim, memory_format);
+  auto node = make_node<AdjointNode>(name, adjoint, dim, memory_format);
   node->set_next_edges(torch::autograd::collect_next_edges(input));
   return node;
 }
