@@ -48,15 +48,15 @@ bench: $(BUILT)
 # parity, benchmarks, compute-sanitizer, the full suite, within 8 minutes; see
 # the script. The dry run runs every step's command on the CPU (CI does).
 gpu-check:
-	bash benchmarks/gpu_check.sh
+	bash tools/gpu_check.sh
 
 gpu-check-dry-run: $(BUILT)
-	PYTHON=$(PYTHON) bash benchmarks/gpu_check.sh --dry-run
+	PYTHON=$(PYTHON) bash tools/gpu_check.sh --dry-run
 
 # The kernels' machine code, compiled without a GPU: Triton's PTX and SASS for
 # sm_90 and sm_80, and the CUDA build's SASS (see the script).
 codegen-check: $(BUILT)
-	$(PYTHON) benchmarks/codegen_check.py
+	$(PYTHON) tools/codegen_check.py
 
 # The same csrc/ built by CMake as a libtorch op library, and its C++ test.
 cmake-test: $(VENV)/.installed

@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import crelu_ext
-from crelu_ext.bench import run_context, saved_bytes
+from crelu_ext._memory import saved_bytes
+from crelu_ext.bench.harness import run_context
 
 
 class DetectorStem(nn.Module):

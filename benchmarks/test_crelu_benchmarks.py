@@ -12,7 +12,7 @@ suites track times across commits.
 import pytest
 import torch
 
-from crelu_ext import bench
+from crelu_ext.bench import harness as bench
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 PROVIDERS = bench.providers(DEVICE)

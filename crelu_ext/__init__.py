@@ -4,8 +4,8 @@ y = crelu_ext.crelu(x, dim=1)        # == cat([relu(x), relu(-x)], dim=1)
 m = crelu_ext.CReLU(dim=1)
 """
 
-from . import _onnx, reference  # noqa: F401  (_onnx: torch.onnx.export exports the ops)
-from .backends import available_backends, crelu
+from . import _export, reference  # noqa: F401  (_export: torch.onnx.export exports the ops)
+from .functional import available_backends, crelu
 from .fuse import fuse
 from .nn import CReLU
 

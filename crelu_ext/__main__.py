@@ -9,11 +9,11 @@ import sys
 
 COMMANDS = {
     "bench": "crelu_ext.bench",
-    "train": "crelu_ext.train",
-    "analyze": "crelu_ext.analysis",
+    "train": "crelu_ext.paper.train",
+    "analyze": "crelu_ext.paper.analysis",
 }
 # The pip extra (pyproject.toml) that brings each command's optional modules.
-EXTRAS = {"bench": "bench", "train": "train", "analyze": "analysis"}
+EXTRAS = {"bench": "bench", "train": "paper", "analyze": "paper"}
 OPTIONAL_MODULES = {"tqdm", "sklearn", "matplotlib"}
 
 

@@ -25,7 +25,7 @@ import torch.fx
 import torch.nn.functional as F
 
 from ._layout import FLOAT_DTYPES
-from .backends import crelu
+from .functional import crelu
 from .nn import CReLU
 
 _CATS = {torch.cat, torch.concat, torch.concatenate}

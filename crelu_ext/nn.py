@@ -2,7 +2,7 @@
 
 import torch
 
-from .backends import crelu
+from .functional import crelu
 
 
 class CReLU(torch.nn.Module):

@@ -5,13 +5,13 @@ import pytest
 import torch
 
 import crelu_ext
-from crelu_ext import _emulated
+from crelu_ext.testing import emulated as _emulated
 
 # Backends under test on each device. A combination that cannot run here is
 # skipped with the reason; CI requires the native CPU kernels separately
 # (test_build.py), so a broken build cannot hide behind a skip.
 # triton-cpu runs in Triton's interpreter: `TRITON_INTERPRET=1 pytest -k triton-cpu`.
-# emulated-cpu runs the CUDA kernels' code on the host (crelu_ext/_emulated.py),
+# emulated-cpu runs the CUDA kernels' code on the host (crelu_ext/testing/emulated.py),
 # emulated64-cpu the same with 64-bit offsets forced; tests reach them through
 # crelu_ext.crelu(x, dim, backend=...) like any other backend.
 BACKEND_DEVICES = [
@@ -31,14 +31,14 @@ def _param(backend, device):
     return pytest.param((backend, device), id=f"{backend}-{device}", marks=marks)
 
 
-# The private backends, by name: their index_bits for crelu_ext._emulated.crelu.
+# The private backends, by name: their index_bits for crelu_ext.testing.emulated.crelu.
 EMULATED_INDEX_BITS = {"emulated": None, "emulated64": 64}
 
 
 def add_test_backend(monkeypatch, name, implementation):
     """Lets crelu_ext.crelu(x, dim, backend=name), and CReLU(backend=name), run
     implementation(x, dim) on CPU tensors until the test ends."""
-    backends = crelu_ext.backends
+    backends = crelu_ext.functional
     available = backends.available_backends
 
     def with_test_backend(device=None):

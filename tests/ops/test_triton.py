@@ -10,7 +10,7 @@ import torch
 from helpers import assert_bitwise_equal, make_input
 
 import crelu_ext
-from crelu_ext import triton_kernels
+from crelu_ext.triton import ops as triton_kernels
 
 
 @pytest.fixture
@@ -196,7 +196,7 @@ def test_plan_launch_takes_symbolic_sizes():
 
 def _codegen_check():
     pytest.importorskip("triton")
-    path = Path(__file__).parents[1] / "benchmarks" / "codegen_check.py"
+    path = Path(__file__).parents[2] / "tools" / "codegen_check.py"
     spec = importlib.util.spec_from_file_location("codegen_check", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

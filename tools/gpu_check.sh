@@ -5,8 +5,8 @@
 # summary in $OUT is rewritten after every step, so a killed run still leaves
 # what it got. The short table is printed last.
 #
-#   bash benchmarks/gpu_check.sh             (or: make gpu-check)
-#   bash benchmarks/gpu_check.sh --dry-run   runs every step's command on the CPU,
+#   bash tools/gpu_check.sh             (or: make gpu-check)
+#   bash tools/gpu_check.sh --dry-run   runs every step's command on the CPU,
 #                                            CUDA steps skipped (CI runs this)
 #
 # Steps: build (for this card's architecture only) -> CUDA parity subset of
@@ -24,7 +24,7 @@ case "${1:-}" in
   "") ;;
   --dry-run) DRY_RUN=1 ;;
   *)
-    echo "usage: bash benchmarks/gpu_check.sh [--dry-run]" >&2
+    echo "usage: bash tools/gpu_check.sh [--dry-run]" >&2
     exit 2
     ;;
 esac
@@ -193,14 +193,14 @@ step bench-small 80 "$PYTHON" -m crelu_ext bench "${bench_args[@]}" --sizes smal
 # --- 5. compute-sanitizer over every CUDA and Triton kernel -----------------
 if ((DRY_RUN)); then
   # The workload itself, on the CPU, so that its mistakes fail here too.
-  step sanitizer-cases 120 "$PYTHON" benchmarks/sanitizer_cases.py --device cpu
+  step sanitizer-cases 120 "$PYTHON" tools/sanitizer_cases.py --device cpu
   skip_cuda_step sanitizer-memcheck "compute-sanitizer needs a GPU"
   skip_cuda_step sanitizer-racecheck "compute-sanitizer needs a GPU"
 else
   for tool in memcheck racecheck; do
     step "sanitizer-$tool" 90 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
       compute-sanitizer --tool "$tool" --error-exitcode=1 \
-      "$PYTHON" benchmarks/sanitizer_cases.py
+      "$PYTHON" tools/sanitizer_cases.py
   done
 fi
 

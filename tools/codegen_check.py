@@ -13,10 +13,10 @@ the PTX and the SASS:
 - no local memory (spills or stack).
 
 It prints the instruction counts per thread and exits non-zero on a
-violation. When benchmarks/cuda_codegen.py exists and crelu_ext._C has CUDA
+violation. When tools/cuda_codegen.py exists and crelu_ext._C has CUDA
 kernels, their SASS check runs too.
 
-    python benchmarks/codegen_check.py [--arch 90 80]
+    python tools/codegen_check.py [--arch 90 80]
 """
 
 import argparse
@@ -35,7 +35,8 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from triton.tools.disasm import path_to_cuobjdump
 
-from crelu_ext import ops, triton_kernels
+from crelu_ext import _native as ops
+from crelu_ext.triton import ops as triton_kernels
 
 TYPE_NAMES = {
     torch.float16: "fp16",
@@ -174,7 +175,7 @@ def cuda_violations() -> list[str]:
     """The CUDA kernels' SASS check, where there is one to run."""
     script = Path(__file__).with_name("cuda_codegen.py")
     if not script.exists():
-        print("CUDA SASS check: skipped, benchmarks/cuda_codegen.py is not there")
+        print("CUDA SASS check: skipped, tools/cuda_codegen.py is not there")
         return []
     if "cuda" not in ops.NATIVE_DEVICE_TYPES:
         print("CUDA SASS check: skipped, crelu_ext._C was built without CUDA")

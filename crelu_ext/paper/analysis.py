@@ -31,8 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..nn import CReLU
 from .models import ACTIVATIONS, MODELS
-from .nn import CReLU
 
 NUM_CLASSES = {"digits": 10, "cifar10": 10, "cifar100": 100}
 # Random draws pooled for the Gaussian baseline: one draw of 24 filters of dimension 9 gives

@@ -1,4 +1,4 @@
-"""What is particular to the CUDA kernels run on the host (crelu_ext/_emulated.py):
+"""What is particular to the CUDA kernels run on the host (crelu_ext/testing/emulated.py):
 the mask bytes they share with the CPU kernels, the launch decisions, the
 grid-stride loop. Parity, strides, autograd and errors run on them in the
 backend-parametrized suites (emulated-cpu, emulated64-cpu)."""
@@ -10,7 +10,7 @@ import pytest
 import torch
 from helpers import assert_bitwise_equal, make_input
 
-from crelu_ext import _emulated
+from crelu_ext.testing import emulated as _emulated
 
 NATIVE = torch.ops.crelu_ext
 OP_NAMES = ("crelu", "crelu_backward", "crelu_backward_backward")

@@ -29,8 +29,8 @@ from unittest import mock
 import torch
 from torch._subclasses.fake_tensor import is_fake
 
-from ._autograd import call_forward, register_crelu_autograd
-from ._layout import (
+from .._autograd import call_forward, register_crelu_autograd
+from .._layout import (
     allocate_backward,
     allocate_backward_backward,
     allocate_forward,

@@ -14,7 +14,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from .nn import CReLU
+from ..nn import CReLU
 
 ACTIVATIONS = ("relu", "crelu", "avr")
 

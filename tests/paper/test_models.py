@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 import crelu_ext
-from crelu_ext.models import (
+from crelu_ext.paper.models import (
     AbsoluteValue,
     all_cnn_b,
     convpool_cnn_c,

@@ -11,7 +11,7 @@ import torch
 from helpers import assert_bitwise_equal, make_input, readme_example
 
 import crelu_ext
-from crelu_ext import _onnx
+from crelu_ext import _export as _onnx
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")

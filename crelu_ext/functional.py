@@ -1,7 +1,7 @@
 """Backend selection and the functional API.
 
 ``native``: the compiled kernels in csrc/ (CPU, and CUDA when built with it).
-``triton``: the Triton kernels in triton_kernels.py (CUDA; CPU in the interpreter).
+``triton``: the Triton kernels in crelu_ext/triton/ (CUDA; CPU in the interpreter).
 ``reference``: the torch composition in reference.py, available everywhere.
 """
 
@@ -9,7 +9,8 @@ import os
 
 import torch
 
-from . import _onnx, ops, reference, triton_kernels
+from . import _export, _native, reference
+from . import triton as triton_backend
 from ._layout import check_input
 
 BACKENDS = ("native", "triton", "reference")
@@ -21,8 +22,8 @@ _ENVIRON_DATA = os.environ._data
 _ENV_KEY = os.environ.encodekey(ENV_VAR)
 
 _IMPLEMENTATIONS = {
-    "native": ops.crelu,
-    "triton": triton_kernels.crelu,
+    "native": _native.crelu,
+    "triton": triton_backend.crelu,
     "reference": reference.crelu,
 }
 
@@ -32,9 +33,9 @@ def available_backends(device: torch.device | str | None = None) -> list[str]:
     ``backend="auto"`` prefers them."""
     device = torch.device("cpu" if device is None else device)
     available = []
-    if ops.native_available(device):
+    if _native.native_available(device):
         available.append("native")
-    if triton_kernels.triton_available(device):
+    if triton_backend.triton_available(device):
         available.append("triton")
     available.append("reference")
     return available
@@ -56,10 +57,10 @@ def select_backend(backend: str, device: torch.device) -> str:
         )
     if requested not in available:
         reason = ""
-        if requested == "native" and ops.NATIVE_IMPORT_ERROR is not None:
-            reason = f" ({ops.native_unavailable_reason()})"
-        elif requested == "triton" and triton_kernels.TRITON_IMPORT_ERROR is not None:
-            reason = f" (triton did not import: {triton_kernels.TRITON_IMPORT_ERROR})"
+        if requested == "native" and _native.NATIVE_IMPORT_ERROR is not None:
+            reason = f" ({_native.native_unavailable_reason()})"
+        elif requested == "triton" and triton_backend.TRITON_IMPORT_ERROR is not None:
+            reason = f" (triton did not import: {triton_backend.TRITON_IMPORT_ERROR})"
         elif requested == "triton" and device.type == "cpu":
             reason = " (Triton runs CPU tensors only in its interpreter: set TRITON_INTERPRET=1)"
         raise RuntimeError(
@@ -87,7 +88,7 @@ def crelu(x: torch.Tensor, dim: int = 1, backend: str = "auto") -> torch.Tensor:
     """CReLU, ``cat([relu(x), relu(-x)], dim)``, bitwise equal to
     :func:`crelu_ext.reference.crelu` forward and backward, in one fused pass
     that saves only 2 bits per element for backward."""
-    if not torch.compiler.is_dynamo_compiling() and _onnx.exporting():
+    if not torch.compiler.is_dynamo_compiling() and _export.exporting():
         return reference.crelu(x, dim)  # standard ONNX ops, for either exporter
     override = _backend_override() if backend == "auto" else None
     try:

@@ -3,7 +3,7 @@ no registration by the user, for both of ``torch.onnx.export``'s exporters.
 
 - While either exporter traces a model (``torch.onnx.is_in_onnx_export()``),
   ``crelu_ext.crelu`` and ``CReLU`` run the composition they are defined as
-  (:func:`exporting`, checked by the front in backends.py), which both
+  (:func:`exporting`, checked by the front in functional.py), which both
   exporters translate to standard ops. The op itself is left alone: a
   decomposition in ``torch._decomp.decomposition_table`` would also reach
   torch.compile (Inductor refuses an op that has one when ``$CI`` is set) and
@@ -21,12 +21,9 @@ import importlib.abc
 import importlib.util
 import sys
 
-from . import ops, triton_kernels  # noqa: F401  (they define the ops registered here)
-
 # The forward ops ``(x, dim, save_mask) -> (out, mask)`` of the backends that
-# have compiled or Triton kernels (and the host-emulated CUDA kernels, which
-# tests export like any backend); the reference backend is the composition.
-FORWARD_OPS = ("crelu", "triton_crelu", "emulated_crelu", "emulated64_crelu")
+# have compiled or Triton kernels; the reference backend is the composition.
+FORWARD_OPS = ("crelu", "triton_crelu")
 ONNX_OPSET = 11  # from which on Concat takes a negative axis
 
 

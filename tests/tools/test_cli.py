@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from crelu_ext import analysis, train
+from crelu_ext.paper import analysis, train
 
 # Runs `python -m crelu_ext ...` in a Python where the extras' modules cannot be imported,
 # as after a plain `pip install .`: a None in sys.modules makes `import` raise

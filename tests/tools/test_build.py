@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import crelu_ext
-from crelu_ext import ops
+from crelu_ext import _native as ops
 
 
 @pytest.mark.skipif(
@@ -91,7 +91,7 @@ def run_from_source_copy(tmp_path, installed_build: bool) -> subprocess.Complete
 import sys
 sys.meta_path = [f for f in sys.meta_path if "__editable__" not in repr(f)]
 import torch, crelu_ext
-assert crelu_ext.available_backends("cpu")[0] != "native", crelu_ext.ops.__file__
+assert crelu_ext.available_backends("cpu")[0] != "native", crelu_ext._native.__file__
 try:
     crelu_ext.crelu(torch.randn(2, 3), backend="native")
 except RuntimeError as e:

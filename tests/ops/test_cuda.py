@@ -6,7 +6,7 @@ import torch
 from helpers import assert_bitwise_equal, crelu_and_grad, make_input
 
 import crelu_ext
-from crelu_ext import _emulated
+from crelu_ext.testing import emulated as _emulated
 
 pytestmark = [
     pytest.mark.cuda,

@@ -11,7 +11,9 @@ import pytest
 import torch
 
 import crelu_ext
-from crelu_ext import backends, data, reference, train
+from crelu_ext import functional as backends
+from crelu_ext import reference
+from crelu_ext.paper import data, train
 
 needs_native = pytest.mark.skipif(
     "native" not in crelu_ext.available_backends("cpu"), reason="native CPU kernels not built"
@@ -145,7 +147,9 @@ def test_native_saves_less_for_backward_than_the_reference():
     saved = {}
     for backend in crelu_ext.available_backends("cpu"):
         torch.manual_seed(0)
-        model = crelu_ext.models.convpool_cnn_c(activation="crelu", width=0.25, backend=backend)
+        model = crelu_ext.paper.models.convpool_cnn_c(
+            activation="crelu", width=0.25, backend=backend
+        )
         args = train.build_parser().parse_args(["--lr", "0.01"])
         run = train.TrainingRun(model, args, torch.device("cpu"), train.Distributed(), 2)
         images, labels = torch.randn(4, 3, 32, 32), torch.arange(4)
@@ -173,7 +177,7 @@ def test_two_process_ddp_run_keeps_ranks_in_sync(tmp_path):
 # run that diverges, or stays at chance (loss ln 10 = 2.30), fails. Measured last-8 mean
 # over first-8 mean: relu 1.78 / 2.30, crelu 2.12 / 2.57, avr 2.24 / 2.34 (AVR learns
 # slowest; All-CNN-B and the VGG take ~10 s a step on a CPU, too slow for CI).
-@pytest.mark.parametrize("activation", crelu_ext.models.ACTIVATIONS)
+@pytest.mark.parametrize("activation", crelu_ext.paper.models.ACTIVATIONS)
 def test_the_default_recipe_lowers_the_loss(tmp_path, activation):
     path = tmp_path / "metrics.json"
     flags = ["--activation", activation, "--width", "0.125", "--steps", "40"]

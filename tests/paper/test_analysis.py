@@ -1,4 +1,4 @@
-"""crelu_ext.analysis: pairing cosines, reconstruction (Prop. 2.1), pair correlations, CLI."""
+"""crelu_ext.paper.analysis: pairing cosines, reconstruction (Prop. 2.1), pair correlations, CLI."""
 
 import json
 
@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from crelu_ext import analysis
 from crelu_ext.__main__ import COMMANDS
+from crelu_ext.paper import analysis
 
 
 def crelu_features(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
@@ -130,7 +130,7 @@ def test_pair_correlations_rejects_odd_inputs():
 
 
 def test_crelu_successors_skip_pooling():
-    from crelu_ext.models import convpool_cnn_c
+    from crelu_ext.paper.models import convpool_cnn_c
 
     model = convpool_cnn_c(in_channels=1, activation="crelu", width=0.05)
     pairs = analysis.crelu_successors(model)
@@ -143,7 +143,7 @@ def test_crelu_successors_skip_pooling():
 
 
 def test_cli_end_to_end(tmp_path):
-    assert COMMANDS["analyze"] == "crelu_ext.analysis"
+    assert COMMANDS["analyze"] == "crelu_ext.paper.analysis"
     out = tmp_path / "analysis"
     analysis.main(
         [

@@ -40,11 +40,11 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler
 
-from .backends import BACKENDS, select_backend
-from .bench import peak_memory, saved_bytes
+from .._memory import peak_memory, saved_bytes
+from ..functional import BACKENDS, select_backend
+from ..nn import CReLU
 from .data import DATASETS, ImageDataset, load_dataset, random_hflip
 from .models import ACTIVATIONS, MODELS, count_parameters
-from .nn import CReLU
 
 EVAL_BATCH_SIZE = 256
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from crelu_ext.data import load_dataset, random_hflip
+from crelu_ext.paper.data import load_dataset, random_hflip
 
 
 def test_digits_are_32x32_normalized_and_split_the_same_way_every_time():

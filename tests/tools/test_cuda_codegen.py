@@ -1,4 +1,4 @@
-"""What benchmarks/cuda_codegen.py flags, on made-up kernels (CI runs it on
+"""What tools/cuda_codegen.py flags, on made-up kernels (CI runs it on
 the real build: make codegen-check)."""
 
 import importlib.util
@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).parent.parent / "benchmarks" / "cuda_codegen.py"
+SCRIPT = Path(__file__).parents[2] / "tools" / "cuda_codegen.py"
 spec = importlib.util.spec_from_file_location("cuda_codegen", SCRIPT)
 cuda_codegen = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(cuda_codegen)

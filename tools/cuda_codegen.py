@@ -9,7 +9,7 @@ For every architecture whose SASS the built extension holds, with the
   ``LDL``/``STL`` instructions): a spill in a bandwidth-bound kernel.
 It prints each kernel's registers.
 
-    python benchmarks/cuda_codegen.py [path/to/_C.abi3.so]   # exits 1 on violations
+    python tools/cuda_codegen.py [path/to/_C.abi3.so]   # exits 1 on violations
 
 Other scripts call ``check(so_path=None) -> list[str]`` (the violations; it
 prints the table too).

@@ -1,0 +1,2 @@
+"""The paper's tools (extra ``[paper]``): its networks (``models``), data sets
+(``data``), training (``train``) and filter analysis (``analysis``)."""

@@ -1,0 +1,1 @@
+"""What only tests use: ``emulated``, the CUDA kernels run on the host."""
