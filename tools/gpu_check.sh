@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# The one-call GPU check, for a lent GPU machine (torch and Triton installed,
-# no network): every step has its own timeout inside a total budget (8 minutes
-# by default, the build included), the most valuable steps run first, and the
-# summary in $OUT is rewritten after every step, so a killed run still leaves
-# what it got. The short table is printed last.
+# The one-call GPU check, for a GPU machine with torch and Triton installed
+# and no network, where GPU time is short: every step has its own timeout
+# inside a total budget (8 minutes by default, the build included), the most
+# valuable steps run first, and the summary in $OUT is rewritten after every
+# step, so a killed run still leaves what it got. The short table is printed
+# last.
 #
 #   bash tools/gpu_check.sh             (or: make gpu-check)
 #   bash tools/gpu_check.sh --dry-run   runs every step's command on the CPU,
@@ -40,8 +41,8 @@ else
 fi
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
-# The device tool returns at most 8 files from $OUT: the summary, one log of
-# every step, and the benchmark's CSV and plot.
+# Few files, so that they are quick to copy off the machine: the summary, one
+# log of every step, and the benchmark's CSV and plot.
 SUMMARY="$OUT/gpu_check_summary.txt"
 LOG="$OUT/gpu_check.log"
 STEP_LOGS=$(mktemp -d)

@@ -834,4 +834,8 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError as error:
         parser.error(str(error))
     write_report(numbers, args.out / "report.md", heading)
-    print(f"wrote {args.out / 'report.md'}, pairing.png, reconstruction.png, analysis.json")
+    written = ["report.md", "pairing.png"]
+    written += ["reconstruction.png"] if numbers["reconstruction"] is not None else []
+    written += ["analysis.json"]
+    written += ["checkpoint.pt", "train_metrics.json"] if args.checkpoint is None else []
+    print(f"wrote {len(written)} files to {args.out}: {', '.join(written)}")

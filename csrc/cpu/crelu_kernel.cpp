@@ -53,8 +53,8 @@ constexpr int64_t kStreamingBytes = int64_t{8} << 20;
 // Streaming pays only on pages that are already mapped. A fresh mmap (glibc
 // serves allocations over 32 MB so) faults on every first touch, the OS zeroes
 // the page through the cache, and streaming over it then costs more than
-// plain stores. Forward of (64, 64, 56, 56) float32, a 100 MB output, on this
-// project's 2-core CI VM: into fresh pages 36 ms streamed against 25 ms
+// plain stores. Forward of (64, 64, 56, 56) float32, a 100 MB output, on a
+// 2-core x86 VM: into fresh pages 36 ms streamed against 25 ms
 // plain; into reused memory (jemalloc, tcmalloc, glibc below its mmap
 // threshold) 3.7 ms streamed against 6.7 ms plain.
 //

@@ -142,7 +142,17 @@ def test_crelu_successors_skip_pooling():
     assert len(pairs) == 8  # conv1-8 are followed by CReLU; conv9 is the classifier
 
 
-def test_cli_end_to_end(tmp_path):
+def written_files(printed: str) -> set[str]:
+    """The file names of analyze's closing "wrote N files to DIR: a, b" line,
+    checked against its count."""
+    line = printed.strip().splitlines()[-1]
+    count, _, names = line.removeprefix("wrote ").partition(" files to ")
+    names = names.split(": ", 1)[1].split(", ")
+    assert int(count) == len(names)
+    return set(names)
+
+
+def test_cli_end_to_end(tmp_path, capsys):
     assert COMMANDS["analyze"] == "crelu_ext.paper.analysis"
     out = tmp_path / "analysis"
     analysis.main(
@@ -151,6 +161,7 @@ def test_cli_end_to_end(tmp_path):
             *("--image-size", "24", "--max-iter", "30"),
         ]
     )
+    assert written_files(capsys.readouterr().out) == {p.name for p in out.iterdir()}
     for name in ["pairing.png", "reconstruction.png", "report.md", "analysis.json"]:
         assert (out / name).stat().st_size > 0
     numbers = json.loads((out / "analysis.json").read_text())
@@ -161,6 +172,7 @@ def test_cli_end_to_end(tmp_path):
     analysis.main(
         ["--checkpoint", str(out / "checkpoint.pt"), "--out", str(again), "--image-size", "16"]
     )
+    assert written_files(capsys.readouterr().out) == {p.name for p in again.iterdir()}
     assert "Pair correlations" in (again / "report.md").read_text()
 
 
