@@ -1,6 +1,6 @@
 """``python -m crelu_ext bench``: CReLU against its peers and a same-run copy.
 
-Method (SPEC section 5): effective bandwidth = minimal bytes / median time.
+Method: effective bandwidth = minimal bytes / median time.
 With E input elements: forward (inference, no mask) reads E and writes 2E;
 backward reads the 2E gradient and the 2-bit mask and writes E; forward+backward
 is both, the forward also writing the mask. The copy reference is a same-run
@@ -8,6 +8,9 @@ is both, the forward also writing the mask. The copy reference is a same-run
 write. It is no roofline: a copy's stores first read each destination line
 (read for ownership), which the fused kernels' non-temporal stores skip, so
 they can beat it. Every figure of a run comes from that run, on one device.
+The fraction of the copy's bandwidth is printed only where the copy takes at
+least COPY_MIN_SECONDS: below that, fixed per-call costs decide both times, not
+memory (the CSV keeps every fraction).
 
 ``--sizes small`` times instead the per-call cost at 2^10 to 2^20 elements,
 where launch and framework overhead decide: an MLP activation (B, 256) with
@@ -28,6 +31,7 @@ import contextlib
 import csv
 import ctypes
 import datetime
+import logging
 import platform
 import shlex
 import statistics
@@ -43,8 +47,15 @@ from .._memory import peak_memory, saved_bytes
 from ..functional import available_backends, crelu
 
 DIRECTIONS = ("forward", "backward", "forward+backward")
+# Below this the copy's time is mostly the call's fixed cost (a few microseconds
+# on CPU, a launch on CUDA), and a fraction of it says nothing about memory: at
+# the tiniest shapes it comes out above 10.
+COPY_MIN_SECONDS = 100e-6
 # Untracked (.gitignore): a plain run leaves the checkout clean.
 DEFAULT_OUT = "bench-results"
+# No ETA: a case's time depends on its size and on how long torch.compile takes
+# to compile its providers, so a rate taken from the first cases misleads.
+PROGRESS_FORMAT = "{desc} {n_fmt}/{total_fmt} cases, {elapsed} elapsed{postfix}"
 
 
 @dataclass(frozen=True)
@@ -63,7 +74,7 @@ PAPER_SHAPES = [
     Shape("All-CNN-B conv3", (64, 96, 27, 27)),
     Shape("All-CNN-B conv4", (64, 256, 27, 27)),
 ]
-# The shapes issue 2's CPU targets name.
+# The README's two headline shapes: an NCHW activation and a channels_last one.
 TARGET_SHAPES = [
     Shape("target, contiguous", (64, 64, 56, 56)),
     Shape("target, channels_last", (128, 96, 32, 32), "channels_last"),
@@ -201,6 +212,10 @@ def steps(fn, x: torch.Tensor, grad: torch.Tensor) -> dict:
     }
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
 def run_shape(shape: Shape, dtype, device, fns: dict, measure, allocator: str) -> list[dict]:
     x = torch.randn(shape.dims, dtype=dtype, device=device)
     if shape.layout == "channels_last":
@@ -221,7 +236,7 @@ def run_shape(shape: Shape, dtype, device, fns: dict, measure, allocator: str) -
                     "case": shape.name,
                     "shape": "x".join(map(str, shape.dims)),
                     "layout": shape.layout,
-                    "dtype": str(dtype).removeprefix("torch."),
+                    "dtype": dtype_name(dtype),
                     "input_bytes": numel * size,
                     "direction": direction,
                     "allocator": allocator,
@@ -252,22 +267,49 @@ def ratio(value) -> str:
     return f"{value:.2f}x" if value != "" else "-"
 
 
+def copy_fraction(row: dict) -> str:
+    """The row's fraction of the copy's bandwidth, or "—" where the copy is too
+    short to time memory (COPY_MIN_SECONDS)."""
+    # The copy moves the output twice (read + write): 2 x 2 x the input's bytes.
+    copy_seconds = 4 * row["input_bytes"] / (row["copy_gbps"] * 1e9)
+    return f"{row['fraction_of_copy']:.2f}" if copy_seconds >= COPY_MIN_SECONDS else "—"
+
+
 def print_table(rows: list[dict]) -> None:
-    header = (
-        f"{'shape':>16} {'layout':>13} {'dtype':>8} {'direction':>16} {'alloc':>7} "
-        f"{'provider':>15} {'ms':>9} {'±ms':>6} {'GB/s':>7} {'copy%':>6} {'saved B/el':>10} "
-        f"{'vs eager':>8} {'vs compile':>10}"
+    """One table per direction, dtype and allocator, each with its header."""
+    print(
+        "GB/s: minimal bytes / median time. vs X: X's median time / this one's.\n"
+        "/copy: GB/s over a same-run copy's, where the copy takes "
+        f"{COPY_MIN_SECONDS * 1e6:.0f} us or more (else —: fixed costs, not memory, decide)."
     )
-    print(header)
-    print("-" * len(header))
-    for r in rows:
-        print(
-            f"{r['shape']:>16} {r['layout']:>13} {r['dtype']:>8} {r['direction']:>16} "
-            f"{r['allocator']:>7} {r['provider']:>15} {r['median_ms']:9.3f} "
-            f"{r['spread_ms']:6.2f} {r['gbps']:7.2f} {100 * r['fraction_of_copy']:5.0f}% "
-            f"{r['saved_bytes_per_element']:10.2f} "
-            f"{ratio(r['speedup_vs_eager']):>8} {ratio(r['speedup_vs_compile']):>10}"
-        )
+    header = (
+        f"{'shape':>16} {'layout':>13} {'provider':>15} {'ms':>9} {'±ms':>7} {'GB/s':>7} "
+        f"{'/copy':>6} {'saved B/el':>10} {'vs eager':>8} {'vs compile':>10}"
+    )
+    groups = dict.fromkeys((r["dtype"], r["allocator"]) for r in rows)
+    for direction in DIRECTIONS:
+        for dtype, allocator in groups:
+            mine = [
+                r
+                for r in rows
+                if (r["direction"], r["dtype"], r["allocator"]) == (direction, dtype, allocator)
+            ]
+            if not mine:
+                continue
+            print(f"\n{direction}, {dtype}, {allocator} allocator")
+            print(header)
+            print("-" * len(header))
+            previous = None
+            for r in mine:
+                case = (r["shape"], r["layout"])
+                shape, layout = case if case != previous else ("", "")
+                previous = case
+                print(
+                    f"{shape:>16} {layout:>13} {r['provider']:>15} {r['median_ms']:9.3f} "
+                    f"{r['spread_ms']:7.3f} {r['gbps']:7.2f} {copy_fraction(r):>6} "
+                    f"{r['saved_bytes_per_element']:10.2f} "
+                    f"{ratio(r['speedup_vs_eager']):>8} {ratio(r['speedup_vs_compile']):>10}"
+                )
 
 
 def run_context(device: torch.device, argv: list[str]) -> dict:
@@ -375,17 +417,21 @@ def print_summary(rows: list[dict]) -> None:
     native = [r for r in rows if r["provider"] == "native"]
     if not native:
         return
-    print("\nsummary, native (speed-up = other's time / native's; copy = native GB/s / copy GB/s):")
+    print(
+        "\nsummary, native (speed-up = other's time / native's; copy = native GB/s / copy GB/s, "
+        "where the copy is long enough to tell):"
+    )
     cases = dict.fromkeys((r["shape"], r["layout"], r["dtype"], r["allocator"]) for r in native)
     for shape, layout, dtype, allocator in cases:
         parts = []
         for r in native:
             if (r["shape"], r["layout"], r["dtype"], r["allocator"]) == (shape, layout, dtype,
                                                                         allocator):  # fmt: skip
+                fraction = copy_fraction(r)
                 parts.append(
                     f"{r['direction']} {ratio(r['speedup_vs_eager'])} eager, "
-                    f"{ratio(r['speedup_vs_compile'])} compile, "
-                    f"{r['fraction_of_copy']:.2f} of copy"
+                    f"{ratio(r['speedup_vs_compile'])} compile"
+                    + (f", {fraction} of copy" if fraction != "—" else "")
                 )
         print(f"  {shape} {layout} {dtype} {allocator}: " + "; ".join(parts))
 
@@ -484,21 +530,28 @@ def run_small(case, dims, dim, dtype, device, fns: dict, rounds: int) -> list[di
 
 
 def print_small_table(rows: list[dict], device: torch.device) -> None:
+    """One table per case and direction, each with its header."""
     host = device.type == "cuda"
     header = (
-        f"{'case':>5} {'shape':>14} {'dim':>4} {'direction':>16} {'provider':>10} "
-        f"{'us/call':>9} " + (f"{'host us':>8} " if host else "") + f"{'vs eager':>8} "
-        f"{'vs compile':>10}"
+        f"{'shape':>14} {'provider':>10} {'us/call':>9} "
+        + (f"{'host us':>8} " if host else "")
+        + f"{'vs eager':>8} {'vs compile':>10}"
     )
-    print(header)
-    print("-" * len(header))
-    for r in rows:
-        print(
-            f"{r['case']:>5} {r['shape']:>14} {r['dim']:>4} {r['direction']:>16} "
-            f"{r['provider']:>10} {r['us_per_call']:9.2f} "
-            + (f"{r['host_us_per_call']:8.2f} " if host else "")
-            + f"{ratio(r['speedup_vs_eager']):>8} {ratio(r['speedup_vs_compile']):>10}"
-        )
+    for case, dim, direction in dict.fromkeys((r["case"], r["dim"], r["direction"]) for r in rows):
+        print(f"\n{case}, dim={dim}, {direction}")
+        print(header)
+        print("-" * len(header))
+        previous = None
+        for r in rows:
+            if (r["case"], r["dim"], r["direction"]) != (case, dim, direction):
+                continue
+            shape = r["shape"] if r["shape"] != previous else ""
+            previous = r["shape"]
+            print(
+                f"{shape:>14} {r['provider']:>10} {r['us_per_call']:9.2f} "
+                + (f"{r['host_us_per_call']:8.2f} " if host else "")
+                + f"{ratio(r['speedup_vs_eager']):>8} {ratio(r['speedup_vs_compile']):>10}"
+            )
 
 
 def print_small_summary(rows: list[dict]) -> None:
@@ -587,7 +640,9 @@ def run_small_sweep(args, device: torch.device, dtype, context: dict) -> None:
     fns = providers(device, names or [*available_native(device), "eager", "compile"])
     shapes = small_shapes()
     rows = []
-    for case, dims, dim in tqdm(shapes, desc="bench small", unit="case", file=sys.stderr):
+    progress = tqdm(shapes, desc="bench small", file=sys.stderr, bar_format=PROGRESS_FORMAT)
+    for case, dims, dim in progress:
+        progress.set_postfix_str(f"{case} {'x'.join(map(str, dims))}")
         rows += run_small(case, dims, dim, dtype, device, fns, rounds=args.reps)
     print_small_table(rows, device)
     print_small_summary(rows)
@@ -600,6 +655,20 @@ def run_small_sweep(args, device: torch.device, dtype, context: dict) -> None:
     plot_path = args.out / f"small_{device.type}.png"
     plot_small(rows, context, plot_path)
     print(f"plot: {plot_path}", file=sys.stderr)
+
+
+def import_cpp_extension_quietly() -> None:
+    """torch.compile's CPU code generation imports torch.utils.cpp_extension,
+    which logs "No CUDA runtime is found" where a CUDA toolkit is installed but
+    no GPU is: irrelevant to a CPU benchmark, and printed in the middle of its
+    progress bar. Imported here first, with that logger muted."""
+    logger = logging.getLogger("torch.utils.cpp_extension")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        import torch.utils.cpp_extension  # noqa: F401
+    finally:
+        logger.setLevel(level)
 
 
 def available_native(device: torch.device) -> list[str]:
@@ -672,6 +741,8 @@ def main(argv: list[str] | None = None) -> None:
     # Every case compiles each torch.compile provider anew (grad mode, shape,
     # layout, dtype): more graphs than Dynamo's default limit of 8 per function.
     torch._dynamo.config.recompile_limit = 1024
+    if not torch.cuda.is_available():
+        import_cpp_extension_quietly()
     if args.sizes == "small":
         run_small_sweep(args, device, getattr(torch, args.dtype), context)
         return
@@ -683,7 +754,7 @@ def main(argv: list[str] | None = None) -> None:
         allocators = ["system", "reuse"] if args.allocator == "both" else [args.allocator]
     rows = []
     total = len(allocators) * len(shapes) * len(dtypes)
-    progress = tqdm(total=total, desc="bench", unit="case", file=sys.stderr)
+    progress = tqdm(total=total, desc="bench", file=sys.stderr, bar_format=PROGRESS_FORMAT)
     for allocator in allocators:
         # glibc cannot go back once it reuses memory, so "system" runs first.
         if allocator == "reuse" and not use_reusing_allocator():
@@ -692,6 +763,7 @@ def main(argv: list[str] | None = None) -> None:
             continue
         for dtype in dtypes:
             for shape in shapes:
+                progress.set_postfix_str(f"{shape.name}, {dtype_name(dtype)}, {allocator}")
                 rows += run_shape(shape, dtype, device, fns, measure, allocator)
                 progress.update()
     progress.close()

@@ -1,9 +1,13 @@
 """The benchmark runs end to end as a user would start it, on tiny shapes."""
 
 import csv
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import crelu_ext
 from crelu_ext.bench import harness as bench
@@ -15,12 +19,22 @@ def test_bench_writes_results_and_plot(tmp_path, capsys):
         ["--device", "cpu", "--reps", "3", "--providers", providers, "--allocator", "system",
          "--shape", "2,8,4,4", "--shape", "1,64,2,3:channels_last", "--out", str(tmp_path)]
     )  # fmt: skip
-    table = capsys.readouterr().out
-    assert "forward+backward" in table and "eager" in table
+    printed = capsys.readouterr()
+    table = printed.out
+    # One table per direction, each under its header, in this order, then the summary.
+    headers = [f"\n{d}, float32, system allocator\n" for d in bench.DIRECTIONS]
+    assert all(header in table for header in headers)
+    starts = [table.index(header) for header in headers]
+    assert starts == sorted(starts)
+    assert "eager" in table[starts[0] : starts[1]]
+    # Copies of these few bytes are far below COPY_MIN_SECONDS: no fraction.
+    assert "—" in table and "%" not in table
     if "native" in providers:  # the closing summary, one line per shape
         summary = table[table.index("summary") :]
+        assert table.index("summary") > starts[-1]
         assert "2x8x4x4 contiguous float32 system: forward" in summary
-        assert "1x64x2x3 channels_last" in summary and "of copy" in summary
+        assert "1x64x2x3 channels_last" in summary and "of copy" not in summary
+    assert "2/2 cases" in printed.err and "remaining" not in printed.err
     with (tmp_path / "bench_cpu.csv").open() as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 2 * 3 * len(providers.split(","))  # shapes x directions x providers
@@ -33,6 +47,30 @@ def test_bench_writes_results_and_plot(tmp_path, capsys):
     if "native" in providers:
         native = next(row for row in rows if row["provider"] == "native")
         assert float(native["saved_bytes_per_element"]) <= 0.5  # the 2-bit mask, padded
+
+
+def test_copy_fraction_only_where_the_copy_is_long_enough():
+    row = {"fraction_of_copy": 0.5, "copy_gbps": 10.0}
+    # The copy reads and writes the output, twice the input: 4 x input bytes.
+    long_enough = bench.COPY_MIN_SECONDS * 10e9 / 4
+    assert bench.copy_fraction({**row, "input_bytes": long_enough}) == "0.50"
+    assert bench.copy_fraction({**row, "input_bytes": long_enough / 2}) == "—"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the warning is for machines without a GPU")
+def test_no_cuda_runtime_warning_is_kept_off_the_progress_bar():
+    def stderr_of(code: str) -> str:
+        # CUDA_HOME set: torch.utils.cpp_extension then warns on import without a GPU.
+        package_root = str(Path(crelu_ext.__file__).resolve().parents[1])
+        env = {**os.environ, "CUDA_HOME": "/usr/local/cuda", "PYTHONPATH": package_root}
+        return subprocess.run(
+            [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+        ).stderr
+
+    warning = "No CUDA runtime is found"
+    assert warning in stderr_of("import torch.utils.cpp_extension")
+    quiet = "from crelu_ext.bench import harness; harness.import_cpp_extension_quietly()"
+    assert warning not in stderr_of(quiet + "; import torch.utils.cpp_extension")
 
 
 def test_plot_covers_the_sweep(tmp_path):
@@ -58,7 +96,9 @@ def test_small_sweep_times_every_size_and_plots(tmp_path, capsys):
          "--out", str(tmp_path)]
     )  # fmt: skip
     printed = capsys.readouterr().out
-    assert "worst speed-up" in printed
+    headers = ["\nmlp, dim=-1, forward\n", "\nnchw, dim=1, forward+backward\n"]
+    assert all(header in printed for header in headers)
+    assert printed.index("worst speed-up") > printed.index(headers[-1])
     with (tmp_path / "bench_small_cpu.csv").open() as f:
         rows = list(csv.DictReader(f))
     shapes = bench.small_shapes()
