@@ -9,8 +9,8 @@ write. It is no roofline: a copy's stores first read each destination line
 (read for ownership), which the fused kernels' non-temporal stores skip, so
 they can beat it. Every figure of a run comes from that run, on one device.
 The fraction of the copy's bandwidth is printed only where the copy takes at
-least COPY_MIN_SECONDS: below that, fixed per-call costs decide both times, not
-memory (the CSV keeps every fraction).
+least 10 times as long as a same-run copy of one element: closer to that, the
+call's fixed cost decides both times, not memory (the CSV keeps every fraction).
 
 ``--sizes small`` times instead the per-call cost at 2^10 to 2^20 elements,
 where launch and framework overhead decide: an MLP activation (B, 256) with
@@ -47,10 +47,10 @@ from .._memory import peak_memory, saved_bytes
 from ..functional import available_backends, crelu
 
 DIRECTIONS = ("forward", "backward", "forward+backward")
-# Below this the copy's time is mostly the call's fixed cost (a few microseconds
-# on CPU, a launch on CUDA), and a fraction of it says nothing about memory: at
-# the tiniest shapes it comes out above 10.
-COPY_MIN_SECONDS = 100e-6
+# A copy shorter than this many one-element copies is mostly the call's fixed
+# cost (a few microseconds on CPU, a launch on CUDA), and a fraction of it says
+# nothing about memory: at the tiniest shapes it comes out above 10.
+COPY_MIN_FIXED_COSTS = 10
 # Untracked (.gitignore): a plain run leaves the checkout clean.
 DEFAULT_OUT = "bench-results"
 # No ETA: a case's time depends on its size and on how long torch.compile takes
@@ -267,20 +267,27 @@ def ratio(value) -> str:
     return f"{value:.2f}x" if value != "" else "-"
 
 
-def copy_fraction(row: dict) -> str:
-    """The row's fraction of the copy's bandwidth, or "—" where the copy is too
-    short to time memory (COPY_MIN_SECONDS)."""
+def fixed_copy_seconds(device: torch.device, measure) -> float:
+    """The median time of copying one element: what a copy costs besides memory."""
+    src = torch.zeros(1, device=device)
+    dst = torch.empty_like(src)
+    return measure(lambda: dst.copy_(src))[0]
+
+
+def copy_fraction(row: dict, min_copy_seconds: float) -> str:
+    """The row's fraction of the copy's bandwidth, or "—" where the copy took
+    less than ``min_copy_seconds``, too short to time memory."""
     # The copy moves the output twice (read + write): 2 x 2 x the input's bytes.
     copy_seconds = 4 * row["input_bytes"] / (row["copy_gbps"] * 1e9)
-    return f"{row['fraction_of_copy']:.2f}" if copy_seconds >= COPY_MIN_SECONDS else "—"
+    return f"{row['fraction_of_copy']:.2f}" if copy_seconds >= min_copy_seconds else "—"
 
 
-def print_table(rows: list[dict]) -> None:
+def print_table(rows: list[dict], min_copy_seconds: float) -> None:
     """One table per direction, dtype and allocator, each with its header."""
     print(
         "GB/s: minimal bytes / median time. vs X: X's median time / this one's.\n"
-        "/copy: GB/s over a same-run copy's, where the copy takes "
-        f"{COPY_MIN_SECONDS * 1e6:.0f} us or more (else —: fixed costs, not memory, decide)."
+        f"/copy: GB/s over a same-run copy's, where the copy took {min_copy_seconds * 1e6:.0f} us "
+        f"or more ({COPY_MIN_FIXED_COSTS}x a one-element copy; else —, as fixed costs decide)."
     )
     header = (
         f"{'shape':>16} {'layout':>13} {'provider':>15} {'ms':>9} {'±ms':>7} {'GB/s':>7} "
@@ -304,9 +311,10 @@ def print_table(rows: list[dict]) -> None:
                 case = (r["shape"], r["layout"])
                 shape, layout = case if case != previous else ("", "")
                 previous = case
+                fraction = copy_fraction(r, min_copy_seconds)
                 print(
                     f"{shape:>16} {layout:>13} {r['provider']:>15} {r['median_ms']:9.3f} "
-                    f"{r['spread_ms']:7.3f} {r['gbps']:7.2f} {copy_fraction(r):>6} "
+                    f"{r['spread_ms']:7.3f} {r['gbps']:7.2f} {fraction:>6} "
                     f"{r['saved_bytes_per_element']:10.2f} "
                     f"{ratio(r['speedup_vs_eager']):>8} {ratio(r['speedup_vs_compile']):>10}"
                 )
@@ -411,7 +419,7 @@ def plot_bandwidth(rows: list[dict], context: dict, path: Path) -> bool:
     return True
 
 
-def print_summary(rows: list[dict]) -> None:
+def print_summary(rows: list[dict], min_copy_seconds: float) -> None:
     """Per shape: native's speed-ups over eager and torch.compile, and its
     fraction of the same-run copy's bandwidth."""
     native = [r for r in rows if r["provider"] == "native"]
@@ -427,7 +435,7 @@ def print_summary(rows: list[dict]) -> None:
         for r in native:
             if (r["shape"], r["layout"], r["dtype"], r["allocator"]) == (shape, layout, dtype,
                                                                         allocator):  # fmt: skip
-                fraction = copy_fraction(r)
+                fraction = copy_fraction(r, min_copy_seconds)
                 parts.append(
                     f"{r['direction']} {ratio(r['speedup_vs_eager'])} eager, "
                     f"{ratio(r['speedup_vs_compile'])} compile"
@@ -748,6 +756,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     fns = providers(device, args.providers.split(",") if args.providers else None)
     measure = timer(device, args.reps)
+    min_copy_seconds = COPY_MIN_FIXED_COSTS * fixed_copy_seconds(device, measure)
     if device.type == "cuda":
         allocators = ["caching"]
     else:
@@ -767,8 +776,8 @@ def main(argv: list[str] | None = None) -> None:
                 rows += run_shape(shape, dtype, device, fns, measure, allocator)
                 progress.update()
     progress.close()
-    print_table(rows)
-    print_summary(rows)
+    print_table(rows, min_copy_seconds)
+    print_summary(rows, min_copy_seconds)
     if args.no_save:
         return
     args.out.mkdir(parents=True, exist_ok=True)

@@ -27,7 +27,7 @@ def test_bench_writes_results_and_plot(tmp_path, capsys):
     starts = [table.index(header) for header in headers]
     assert starts == sorted(starts)
     assert "eager" in table[starts[0] : starts[1]]
-    # Copies of these few bytes are far below COPY_MIN_SECONDS: no fraction.
+    # Copies of these few bytes take about as long as a one-element copy: no fraction.
     assert "—" in table and "%" not in table
     if "native" in providers:  # the closing summary, one line per shape
         summary = table[table.index("summary") :]
@@ -52,9 +52,12 @@ def test_bench_writes_results_and_plot(tmp_path, capsys):
 def test_copy_fraction_only_where_the_copy_is_long_enough():
     row = {"fraction_of_copy": 0.5, "copy_gbps": 10.0}
     # The copy reads and writes the output, twice the input: 4 x input bytes.
-    long_enough = bench.COPY_MIN_SECONDS * 10e9 / 4
-    assert bench.copy_fraction({**row, "input_bytes": long_enough}) == "0.50"
-    assert bench.copy_fraction({**row, "input_bytes": long_enough / 2}) == "—"
+    min_seconds = 1e-4
+    long_enough = min_seconds * 10e9 / 4
+    assert bench.copy_fraction({**row, "input_bytes": long_enough}, min_seconds) == "0.50"
+    assert bench.copy_fraction({**row, "input_bytes": long_enough / 2}, min_seconds) == "—"
+    fixed = bench.fixed_copy_seconds(torch.device("cpu"), bench.timer(torch.device("cpu"), 5))
+    assert 0 < fixed < 1e-3
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the warning is for machines without a GPU")
