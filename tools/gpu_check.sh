@@ -175,7 +175,7 @@ fi
 # In a dry run every test selected here skips (no GPU), which still checks
 # that the selection collects tests.
 step parity 120 env CRELU_EXT_REQUIRE_NATIVE=1 "$PYTHON" -m pytest -q -p no:cacheprovider \
-  tests/test_parity.py tests/test_autograd.py tests/test_cuda.py -m "cuda and not large"
+  tests/ops/test_parity.py tests/ops/test_autograd.py tests/ops/test_cuda.py -m "cuda and not large"
 
 # --- 3. benchmarks: fp32, bf16 ---------------------------------------------
 # Most of their time is torch.compile compiling its providers, case by case.
