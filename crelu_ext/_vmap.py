@@ -174,8 +174,9 @@ def register_vmap_rules(forward: str, backward: str, backward_backward: str) -> 
 
         return rule
 
-    torch.library.register_vmap(forward_op, forward_rule)
-    torch.library.register_vmap(backward_op, masked_rule(backward_op, halves=True))
+    # By name: some torch versions take no OpOverload here.
+    torch.library.register_vmap(f"crelu_ext::{forward}", forward_rule)
+    torch.library.register_vmap(f"crelu_ext::{backward}", masked_rule(backward_op, halves=True))
     torch.library.register_vmap(
-        backward_backward_op, masked_rule(backward_backward_op, halves=False)
+        f"crelu_ext::{backward_backward}", masked_rule(backward_backward_op, halves=False)
     )
