@@ -97,7 +97,14 @@ def _batched(tensor: torch.Tensor, in_dim, batch: int) -> torch.Tensor:
 
 def _per_sample(op, batch: int, tensors, *args):
     """``op`` sample by sample (batch dim first), each output stacked: for calls
-    the op rejects, so that it raises its own error."""
+    the op rejects, so that it raises its own error. An empty batch goes
+    through the op's fake kernel, which checks what it can and gives the shapes."""
+    if batch == 0:
+        outputs = op(*(_sample(t) for t in tensors), *args)
+        device = tensors[0].device
+        if isinstance(outputs, tuple):
+            return tuple(torch.empty(0, *o.shape, dtype=o.dtype, device=device) for o in outputs)
+        return torch.empty(0, *outputs.shape, dtype=outputs.dtype, device=device)
     results = [op(*(t[b] for t in tensors), *args) for b in range(batch)]
     if isinstance(results[0], tuple):
         return tuple(torch.stack(outputs) for outputs in zip(*results, strict=True))

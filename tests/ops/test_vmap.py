@@ -242,6 +242,11 @@ def test_rejected_calls_raise_the_ops_error(capfd):
         pytest.raises(IndexError, match="dim 3 is out of range for a 2-D"),
     ):
         vmap(lambda t: crelu_ext.crelu(t, 3, backend="native"))(x)
+    with (
+        batched_calls_only(capfd),
+        pytest.raises(IndexError, match="dim 3 is out of range for a 2-D"),
+    ):
+        vmap(lambda t: crelu_ext.crelu(t, 3, backend="native"))(x[:0])
     out, mask = ops.crelu(x[0], 1, True)
     grads = torch.randn(4, *out.shape)
     with batched_calls_only(capfd), pytest.raises(RuntimeError, match="mask of 8 bytes"):
