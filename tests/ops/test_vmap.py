@@ -4,6 +4,7 @@ included): per-sample gradients (vmap(grad)), nested vmap, in_dims, and vmap
 inside jacrev, jacfwd and hessian, with special values (NaN, +-0, +-inf,
 subnormals)."""
 
+import collections
 import contextlib
 import warnings
 
@@ -33,6 +34,15 @@ def batched_calls_only(capfd):
         yield
     err = capfd.readouterr().err
     assert FALLBACK not in err, err
+
+
+def op_calls(fn):
+    """How many times each crelu_ext op was called while fn ran."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        fn()
+    return collections.Counter(
+        event.name for event in profile.events() if event.name.startswith("crelu_ext::")
+    )
 
 
 def assert_all_bitwise_equal(actual, expected, what):
@@ -117,6 +127,10 @@ def test_per_sample_gradients(case, dtype, device, capfd):
     reference = loss(crelu_ext.reference.crelu)
     with batched_calls_only(capfd):
         actual = vmap(grad(fused))(x)
+    calls = op_calls(lambda: vmap(grad(fused))(x))
+    # The call vmap takes and the batched call, not one per sample.
+    assert set(calls) == {"crelu_ext::crelu", "crelu_ext::crelu_backward"}, calls
+    assert max(calls.values()) < BATCH, calls
     assert_all_bitwise_equal(actual, per_sample(grad(fused), x, in_dims=(0,)), "loop of grad")
     assert_all_bitwise_equal(actual, per_sample(grad(reference), x, in_dims=(0,)), "reference")
 
