@@ -92,7 +92,7 @@ def sample_layouts():
 
 def batch_of(shape, in_dim, dtype, device, seed):
     x = make_input(shape, dtype, device, seed=seed, special_fraction=0.4)
-    if in_dim == "channels_last":  # [B, N, C, H, W], each sample channels_last
+    if in_dim == "channels_last":  # shape read as [B, N, H, W, C]: [N, C, H, W] samples
         x = x.permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3)
         assert x[0].is_contiguous(memory_format=torch.channels_last)
         return x, 0
