@@ -1,5 +1,6 @@
-"""The native ops (csrc/): their fake kernels, registered on the schemas that
-csrc/ops.cpp defines; autograd is registered in C++ (csrc/autograd.cpp)."""
+"""The native ops (csrc/): their fake kernels and batching rules (_vmap.py),
+registered on the schemas that csrc/ops.cpp defines; autograd is registered in
+C++ (csrc/autograd.cpp)."""
 
 import importlib
 import sys
