@@ -1,5 +1,6 @@
-"""The native ops (csrc/): their fake kernels, registered on the schemas that
-csrc/ops.cpp defines; autograd is registered in C++ (csrc/autograd.cpp)."""
+"""The native ops (csrc/): their fake kernels and batching rules (_vmap.py),
+registered on the schemas that csrc/ops.cpp defines; autograd is registered in
+C++ (csrc/autograd.cpp)."""
 
 import importlib
 import sys
@@ -13,6 +14,7 @@ from ._layout import (
     allocate_forward,
     check_input,
 )
+from ._vmap import register_vmap_rules
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 
@@ -98,6 +100,7 @@ def _register() -> None:
     torch.library.register_fake("crelu_ext::crelu", _fake_crelu)
     torch.library.register_fake("crelu_ext::crelu_backward", _fake_backward)
     torch.library.register_fake("crelu_ext::crelu_backward_backward", _fake_backward_backward)
+    register_vmap_rules("crelu", "crelu_backward", "crelu_backward_backward")
 
 
 if NATIVE_IMPORT_ERROR is None:

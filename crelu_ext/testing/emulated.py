@@ -15,6 +15,7 @@ import torch
 from .. import _native
 from .._autograd import call_forward, register_crelu_autograd
 from .._layout import check_input
+from .._vmap import register_vmap_rules
 
 # Op name prefix by index_bits: None keeps the launcher's choice.
 OP_PREFIXES = {None: "emulated_", 64: "emulated64_"}
@@ -56,9 +57,9 @@ def _register() -> None:
         torch.library.register_fake(
             f"crelu_ext::{prefix}crelu_backward_backward", _native._fake_backward_backward
         )
-        register_crelu_autograd(
-            f"{prefix}crelu", f"{prefix}crelu_backward", f"{prefix}crelu_backward_backward"
-        )
+        names = (f"{prefix}crelu", f"{prefix}crelu_backward", f"{prefix}crelu_backward_backward")
+        register_crelu_autograd(*names)
+        register_vmap_rules(*names)
 
 
 if AVAILABLE:

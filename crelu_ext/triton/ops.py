@@ -38,6 +38,7 @@ from .._layout import (
     output_memory_format,
     plan_layout,
 )
+from .._vmap import register_vmap_rules
 
 try:
     import triton
@@ -402,6 +403,7 @@ def _define_ops() -> None:
     register_crelu_autograd(
         "triton_crelu", "triton_crelu_backward", "triton_crelu_backward_backward"
     )
+    register_vmap_rules("triton_crelu", "triton_crelu_backward", "triton_crelu_backward_backward")
 
 
 def crelu(x: torch.Tensor, dim: int) -> torch.Tensor:
