@@ -160,9 +160,8 @@ def test_other_saved_tensors_hooks_see_what_is_kept():
         packed.append(t.shape)
         return t
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        with crelu_ext.recompute():
-            out, grads = _outputs_and_grads(model, x)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), crelu_ext.recompute():
+        out, grads = _outputs_and_grads(model, x)
     assert torch.Size([2, 8, 8, 8]) in packed and torch.Size([2, 16, 8, 8]) not in packed
     expected_out, expected = _outputs_and_grads(model, x)
     assert_bitwise_equal(out, expected_out)
