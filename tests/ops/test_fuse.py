@@ -10,7 +10,7 @@ from helpers import assert_bitwise_equal, make_input, readme_example
 from torch import nn
 
 import crelu_ext
-from crelu_ext.fuse import _Forward
+from crelu_ext.fuse import _Forward, rewrite
 
 
 def _outputs_and_grads(model, x, grad_seed=0):
@@ -533,3 +533,41 @@ def test_real_models_compile(kind):
     original, model, x = real_model(kind)
     compiled = torch.compile(model, backend="aot_eager")
     assert_fused_like(original, compiled, x, REAL_MODELS[kind][3])
+
+
+def rewriting_backend(replaced):
+    """A Dynamo backend that rewrites as backend="crelu_ext" does and runs the
+    graph eagerly (Inductor's own rounding aside)."""
+
+    def backend(graph_module, example_inputs):
+        replaced.extend(rewrite(graph_module))
+        return graph_module.forward
+
+    return backend
+
+
+@pytest.mark.parametrize(
+    ("kind", "expected"),
+    # The agent's forward (its shape assert) and MaxMin (its dim from the rank)
+    # are beyond torch.fx, not beyond Dynamo.
+    [("agent", 3), ("maxmin", 1), ("detector", 2), ("residual", 1)],
+)
+def test_dynamo_rewrites_what_fx_cannot_trace(kind, expected):
+    torch.manual_seed(0)
+    factory, shape, _, x_feeds_others = REAL_MODELS[kind]
+    model = factory()
+    replaced = []
+    compiled = torch.compile(copy.deepcopy(model), backend=rewriting_backend(replaced))
+    x = make_input(shape, torch.float32)
+    assert_fused_like(model, compiled, x, x_feeds_others)
+    assert len(replaced) >= expected and len(set(replaced)) == expected, replaced
+
+
+def test_crelu_ext_backend_compiles_with_inductor():
+    torch.manual_seed(0)
+    model = Lipschitz()
+    x = make_input((4, 6), torch.float32)
+    expected = torch.compile(copy.deepcopy(model), backend="inductor")
+    actual = torch.compile(model, backend="crelu_ext")
+    assert_fused_like(expected, actual, x)
+    assert "crelu_ext" in torch._dynamo.list_backends()
