@@ -297,7 +297,7 @@ class _Forward:
 
     def __call__(self, *args, **kwargs):
         function = self.function or type(self.module).forward
-        if not self.recompute:
+        if not self.recompute or torch.compiler.is_compiling():  # recompute is eager-only
             return function(self.module, *args, **kwargs)
         with recompute_saved():
             return function(self.module, *args, **kwargs)

@@ -550,7 +550,7 @@ def rewriting_backend(replaced):
     ("kind", "expected"),
     # The agent's forward (its shape assert) and MaxMin (its dim from the rank)
     # are beyond torch.fx, not beyond Dynamo.
-    [("agent", 3), ("maxmin", 1), ("detector", 2), ("residual", 1)],
+    [("agent", 3), ("maxmin", 1), ("detector", 2), ("residual", 1), ("pvanet", 2)],
 )
 def test_dynamo_rewrites_what_fx_cannot_trace(kind, expected):
     torch.manual_seed(0)
@@ -571,3 +571,24 @@ def test_crelu_ext_backend_compiles_with_inductor():
     actual = torch.compile(model, backend="crelu_ext")
     assert_fused_like(expected, actual, x)
     assert "crelu_ext" in torch._dynamo.list_backends()
+
+
+class Negation(nn.Module):
+    def forward(self, x):
+        return torch.cat([x, -x], 1)
+
+
+def test_dynamo_rewrites_an_idiom_split_across_modules():
+    model = nn.Sequential(nn.Linear(3, 4), Negation(), nn.ReLU())
+    original, fused = fuse_copy(model)
+    assert fused.fused == []  # each module's own forward holds half of it
+    replaced = []
+    compiled = torch.compile(fused, backend=rewriting_backend(replaced))
+    assert_fused_like(original, compiled, make_input((2, 3), torch.float32))
+    assert len(set(replaced)) == 1
+
+
+def test_fused_with_recompute_compiles_without_graph_breaks():
+    original, model, x = real_model("detector", recompute=True)
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    assert_fused_like(original, compiled, x)
