@@ -2,6 +2,8 @@
 same outputs and gradients bit for bit; everything else is left alone."""
 
 import copy
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -291,10 +293,19 @@ def test_fusing_twice_changes_nothing():
     assert generated(model) == source and not model.forward.recompute
 
 
-def test_readme_example_runs(capsys):
-    exec(readme_example("Using it in an existing model"), {})
-    printed = capsys.readouterr().out
-    assert "['relu']" in printed and "['cat']" in printed and "fused_crelu(fc1, -1)" in printed
+def first_python_block(path) -> str:
+    text = (Path(__file__).parents[2] / path).read_text()
+    return re.search(r"```python\n(.*?)```", text, re.DOTALL).group(1)
+
+
+@pytest.mark.parametrize("where", ["README.md", "docs/fuse.md"])
+def test_documented_example_runs(where, capsys):
+    if where == "README.md":
+        example = readme_example("Using it in an existing model")
+    else:
+        example = first_python_block(where)
+    exec(example, {"__name__": "example"})
+    assert "['block: relu']" in capsys.readouterr().out
 
 
 def test_submodule_modes_are_kept():
