@@ -18,6 +18,7 @@ tensors, is left alone.
 """
 
 import importlib.metadata
+import itertools
 import linecache
 import math
 import operator
@@ -273,15 +274,14 @@ def _is_builtin(module: torch.nn.Module) -> bool:
 def _define(source: str, namespace: dict) -> types.FunctionType:
     """The ``forward`` defined by ``source``; its text goes to linecache so
     that TorchScript and tracebacks can read it."""
-    filename = f"<crelu_ext.fuse {len(_SOURCES)}>"
-    _SOURCES.append(source)
+    filename = f"<crelu_ext.fuse {next(_FILE_NUMBERS)}>"
     linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
     namespace = dict(namespace)
     exec(compile(source, filename, "exec"), namespace)
     return namespace["forward"]
 
 
-_SOURCES: list[str] = []
+_FILE_NUMBERS = itertools.count()
 
 
 class _Forward:
@@ -321,14 +321,14 @@ class _Forward:
 
     def prepare_scriptable(self) -> torch.nn.Module:
         """For ``torch.jit.script``, which compiles a class's forward: a shallow
-        copy of the module whose class is a subclass with the fused forward."""
+        copy of the module, of a subclass with the fused forward if there is one
+        (scripted code runs without recompute)."""
         module = self.module
-        base = type(module)
-        if self.function is None:
-            return module
-        subclass = type(base.__name__, (base,), {"forward": self.function})
-        subclass.__module__, subclass.__qualname__ = base.__module__, base.__qualname__
-        copy = base.__new__(subclass)
+        cls = type(module)
+        if self.function is not None:
+            cls = type(cls.__name__, (cls,), {"forward": self.function})
+            cls.__module__, cls.__qualname__ = type(module).__module__, type(module).__qualname__
+        copy = cls.__new__(cls)
         copy.__dict__.update(
             (name, value)
             for name, value in module.__dict__.items()

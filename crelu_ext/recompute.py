@@ -9,37 +9,44 @@ the output of a fused CReLU (a ``crelu_ext.CReLU`` module or an idiom that
 input instead, and recomputed bit for bit when backward needs it.
 """
 
+import weakref
+
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
 from .functional import crelu
 
-# CReLU outputs produced inside the context -> (input, dim, input's version).
-# Weak keys: an entry lives as long as its output.
+# CReLU outputs produced inside the context -> (input, dim, input's version,
+# output's version). Weak keys: an entry lives as long as its output.
 _OUTPUTS = WeakIdKeyDictionary()
 _DEPTH = [0]  # how many recompute() contexts are open
 
 
 class _Kept:
     """What the pack hook keeps for a CReLU output: its input, packed as the
-    hooks outside the context would pack it."""
+    hooks outside the context would pack it, and what backward checks."""
 
-    __slots__ = ("dim", "input", "version")
+    __slots__ = ("dim", "input", "input_version", "output", "output_version")
 
-    def __init__(self, packed_input, dim: int, version: int) -> None:
-        self.input, self.dim, self.version = packed_input, dim, version
+    def __init__(self, packed_input, dim, input_version, output, output_version) -> None:
+        self.input, self.dim, self.input_version = packed_input, dim, input_version
+        self.output, self.output_version = weakref.ref(output), output_version
 
 
 def track(x: torch.Tensor, dim: int, out: torch.Tensor) -> torch.Tensor:
     """Records ``out = crelu(x, dim)`` for the pack hook, inside the context."""
     if _DEPTH[0] and torch.is_grad_enabled() and not torch.compiler.is_compiling():
-        _OUTPUTS[out] = (x, dim, x._version)
+        _OUTPUTS[out] = (x, dim, x._version, out._version)
     return out
 
 
-def tracked_crelu(x: torch.Tensor, dim: int) -> torch.Tensor:
-    """The fused op, its output recorded for ``recompute``."""
-    return track(x, dim, crelu(x, dim))
+def _modified(what: str, before: int, now: int) -> RuntimeError:
+    return RuntimeError(
+        f"crelu_ext.recompute: {what} was modified in place after the forward saved it "
+        f"(version {before}, now {now}), so backward cannot recompute CReLU's output; "
+        "leave that tensor alone until backward, or run the forward outside "
+        "crelu_ext.recompute()"
+    )
 
 
 class recompute(torch.autograd.graph.saved_tensors_hooks):
@@ -73,21 +80,19 @@ class recompute(torch.autograd.graph.saved_tensors_hooks):
     def _pack(self, t: torch.Tensor):
         outer_pack = (lambda t: t) if self._outer is None else self._outer[0]
         entry = _OUTPUTS.get(t)
-        if entry is None:
+        if entry is None or t._version != entry[3]:  # an output written since: kept as is
             return outer_pack(t)
-        x, dim, version = entry
-        return _Kept(outer_pack(x), dim, version)
+        x, dim, input_version, output_version = entry
+        return _Kept(outer_pack(x), dim, input_version, t, output_version)
 
     def _unpack(self, packed) -> torch.Tensor:
         outer_unpack = (lambda t: t) if self._outer is None else self._outer[1]
         if not isinstance(packed, _Kept):
             return outer_unpack(packed)
         x = outer_unpack(packed.input)
-        if x._version != packed.version:
-            raise RuntimeError(
-                "crelu_ext.recompute: the input of a CReLU was modified in place after "
-                f"the forward (version {packed.version}, now {x._version}), so backward "
-                "cannot recompute CReLU's output from it; leave that tensor alone until "
-                "backward, or run the forward outside crelu_ext.recompute()"
-            )
+        if x._version != packed.input_version:
+            raise _modified("the input of a CReLU", packed.input_version, x._version)
+        output = packed.output()  # autograd's own check, where the output still lives
+        if output is not None and output._version != packed.output_version:
+            raise _modified("the output of a CReLU", packed.output_version, output._version)
         return crelu(x, packed.dim)

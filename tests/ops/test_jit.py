@@ -91,3 +91,8 @@ def test_trace_crelu_and_fused_modules():
     traced = torch.jit.trace(fused, x)
     assert "crelu_ext::crelu" in str(traced.inlined_graph)
     assert_fused_like(original, traced, x)
+
+
+def test_script_a_model_fused_with_recompute(tmp_path):
+    original, model, x = real_model("detector", recompute=True)
+    assert_fused_like(original, scripted(model, tmp_path), x)

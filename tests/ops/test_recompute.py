@@ -184,3 +184,31 @@ def test_recompute_with_the_idiom_under_functional_relu():
     assert model.fused == ["relu"]
     assert saved(model, x) < saved(plain, x)
     assert_fused_like(plain, model, x)
+
+
+def test_output_modified_before_it_is_saved_is_kept_as_is():
+    torch.manual_seed(0)
+    act, conv = crelu_ext.CReLU(), nn.Conv2d(8, 2, 1)
+    x = make_input((2, 4, 3, 3), torch.float32)
+
+    def run(context):
+        leaf = x.detach().requires_grad_(True)
+        with context:
+            out = act(leaf * 2)
+            out.mul_(3)  # then saved by the conv: not CReLU's output any more
+            loss = conv(out).sum()
+        return torch.autograd.grad(loss, [leaf, conv.weight])
+
+    for actual, expected in zip(run(crelu_ext.recompute()), run(torch.enable_grad()), strict=True):
+        assert_bitwise_equal(actual, expected)
+
+
+def test_output_modified_after_it_is_saved_is_a_clear_error():
+    act, conv = crelu_ext.CReLU(), nn.Conv2d(8, 2, 1)
+    x = make_input((2, 4, 3, 3), torch.float32).requires_grad_(True)
+    with crelu_ext.recompute():
+        out = act(x * 2)
+        loss = conv(out).sum()
+    out.mul_(3)
+    with pytest.raises(RuntimeError, match=r"crelu_ext\.recompute: the output of a CReLU"):
+        loss.backward()
