@@ -414,8 +414,11 @@ def rewrite(graph_module: torch.fx.GraphModule) -> list[str]:
 
 
 def _register_dynamo_backend() -> None:
-    # Installed, the package's entry point names the backend, and Dynamo
-    # registers it when asked for it; from a source tree, register it here.
+    # Installed, the package's entry point names the backend, and Dynamo loads
+    # it when asked for it. From a source tree it is registered here, when
+    # torch._dynamo is loaded already (importing it would load torch.onnx).
+    if "torch._dynamo" not in sys.modules:
+        return
     if "crelu_ext" not in importlib.metadata.entry_points(group="torch_dynamo_backends").names:
         torch._dynamo.register_backend(dynamo_backend, name="crelu_ext")
 

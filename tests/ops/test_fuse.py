@@ -3,6 +3,8 @@ same outputs and gradients bit for bit; everything else is left alone."""
 
 import copy
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,7 +14,7 @@ from helpers import assert_bitwise_equal, make_input, readme_example
 from torch import nn
 
 import crelu_ext
-from crelu_ext.fuse import _Forward, rewrite
+from crelu_ext.fuse import _Forward, dynamo_backend, rewrite
 
 
 def _outputs_and_grads(model, x, grad_seed=0):
@@ -579,9 +581,14 @@ def test_crelu_ext_backend_compiles_with_inductor():
     model = Lipschitz()
     x = make_input((4, 6), torch.float32)
     expected = torch.compile(copy.deepcopy(model), backend="inductor")
-    actual = torch.compile(model, backend="crelu_ext")
+    actual = torch.compile(model, backend=dynamo_backend)
     assert_fused_like(expected, actual, x)
-    assert "crelu_ext" in torch._dynamo.list_backends()
+
+
+def test_backend_is_registered_by_name():
+    code = "import torch._dynamo, crelu_ext; assert 'crelu_ext' in torch._dynamo.list_backends()"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
 
 
 class Negation(nn.Module):
