@@ -610,3 +610,14 @@ def test_fused_with_recompute_compiles_without_graph_breaks():
     original, model, x = real_model("detector", recompute=True)
     compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
     assert_fused_like(original, compiled, x)
+
+
+@pytest.mark.parametrize(("kind", "ops"), [("detector", 2), ("agent", 2)])
+def test_fused_models_export(kind, ops):
+    original, model, x = real_model(kind)
+    original.eval()
+    program = torch.export.export(model.eval(), (x,))
+    assert (
+        sum(node.target is torch.ops.crelu_ext.crelu.default for node in program.graph.nodes) == ops
+    )
+    assert_bitwise_equal(program.module()(x), original(x))
