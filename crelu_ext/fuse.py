@@ -353,9 +353,12 @@ def fuse(model: torch.nn.Module, recompute: bool = False) -> torch.nn.Module:
     it calls) are replaced, by giving that instance a forward generated from
     the graph. A module it cannot trace keeps its forward; its submodules are
     fused all the same, so the model's other methods that call them get the
-    fused op too. The model keeps its class, parameters, buffers, state_dict
-    keys and methods; it deep-copies, pickles (``torch.save``, then
-    ``torch.load(weights_only=False)``) and scripts with ``torch.jit.script``.
+    fused op too. Idioms in a forward that torch.fx cannot trace (shape
+    asserts, a dim computed from the rank) stay as written: compile the model
+    with ``backend="crelu_ext"`` for those. The model keeps its class,
+    parameters, buffers, state_dict keys and methods; it deep-copies, pickles
+    (``torch.save``, then ``torch.load(weights_only=False)``) and scripts with
+    ``torch.jit.script``.
     ``model.fused`` lists what was replaced, as ``"qualified.module: node"``
     (just ``"node"`` for ``model``'s own forward).
 
@@ -397,7 +400,7 @@ def dynamo_backend(graph_module: torch.fx.GraphModule, example_inputs):
     captures, its CReLU idioms replaced by the fused op, compiled by Inductor.
     Dynamo traces what torch.fx cannot (shape asserts, dims computed from the
     rank), so this rewrites idioms that ``fuse`` leaves in eager code."""
-    from torch._inductor.compile_fx import compile_fx
+    from torch._inductor.compile_fx import compile_fx  # what backend="inductor" runs
 
     rewrite(graph_module)
     return compile_fx(graph_module, example_inputs)
