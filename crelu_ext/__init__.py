@@ -3,6 +3,8 @@
 y = crelu_ext.crelu(x, dim=1)        # == cat([relu(x), relu(-x)], dim=1)
 m = crelu_ext.CReLU(dim=1)
 model = crelu_ext.fuse(model)        # hand-written CReLU idioms -> the fused op, in place
+with crelu_ext.recompute():          # layers after CReLU keep its input, not its output
+    loss = model(x)
 """
 
 from . import _export, reference  # noqa: F401  (_export: torch.onnx.export exports the ops)
