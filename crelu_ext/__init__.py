@@ -2,12 +2,16 @@
 
 y = crelu_ext.crelu(x, dim=1)        # == cat([relu(x), relu(-x)], dim=1)
 m = crelu_ext.CReLU(dim=1)
+model = crelu_ext.fuse(model)        # hand-written CReLU idioms -> the fused op, in place
+with crelu_ext.recompute():          # layers after CReLU keep its input, not its output
+    loss = model(x)
 """
 
 from . import _export, reference  # noqa: F401  (_export: torch.onnx.export exports the ops)
 from .functional import available_backends, crelu
 from .fuse import fuse
 from .nn import CReLU
+from .recompute import recompute
 
 __version__ = "0.1.0"
-__all__ = ["CReLU", "available_backends", "crelu", "fuse", "reference"]
+__all__ = ["CReLU", "available_backends", "crelu", "fuse", "recompute", "reference"]

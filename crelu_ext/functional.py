@@ -88,6 +88,12 @@ def crelu(x: torch.Tensor, dim: int = 1, backend: str = "auto") -> torch.Tensor:
     """CReLU, ``cat([relu(x), relu(-x)], dim)``, bitwise equal to
     :func:`crelu_ext.reference.crelu` forward and backward, in one fused pass
     that saves only 2 bits per element for backward."""
+    if torch.jit.is_scripting():  # TorchScript compiles this branch alone
+        return torch.ops.crelu_ext.crelu(x, dim, False)[0]
+    return _crelu(x, dim, backend)
+
+
+def _crelu(x: torch.Tensor, dim: int, backend: str) -> torch.Tensor:
     if not torch.compiler.is_dynamo_compiling() and _export.exporting():
         return reference.crelu(x, dim)  # standard ONNX ops, for either exporter
     override = _backend_override() if backend == "auto" else None

@@ -1,5 +1,6 @@
 """``crelu_ext.fuse(model)``: the CReLU idioms a model writes by hand, rewritten
-to the fused op with torch.fx.
+in place to the fused op; ``backend="crelu_ext"`` for ``torch.compile``, the
+same rewrite in the graphs Dynamo captures. docs/fuse.md tells the whole story.
 
 Recognised, with ``d`` any int dim (positive, negative or by keyword), ReLU as
 ``torch.relu``, ``F.relu``, ``.relu()``, ``nn.ReLU`` (in-place or not) and the
@@ -16,9 +17,13 @@ and last step may write to a tensor in place, and ``relu_`` is not applied to
 tensors, is left alone.
 """
 
+import importlib.metadata
+import itertools
+import linecache
 import math
 import operator
 import sys
+import types
 
 import torch
 import torch.fx
@@ -27,6 +32,8 @@ import torch.nn.functional as F
 from ._layout import FLOAT_DTYPES
 from .functional import crelu
 from .nn import CReLU
+from .recompute import recompute as recompute_saved
+from .recompute import track
 
 _CATS = {torch.cat, torch.concat, torch.concatenate}
 _NEGATIONS = {operator.neg, torch.neg, torch.negative}
@@ -42,34 +49,31 @@ _IN_PLACE_OPERATORS = {
 def fused_crelu(x: torch.Tensor, dim: int) -> torch.Tensor:
     """What ``fuse`` puts in place of an idiom: the fused op for the dtypes it
     supports, and for any other the composition the model wrote."""
+    if torch.jit.is_scripting():  # TorchScript compiles this branch alone
+        if x.is_floating_point():
+            return torch.ops.crelu_ext.crelu(x, dim, False)[0]
+        return torch.cat([torch.relu(x), torch.relu(-x)], dim)
     if x.dtype in FLOAT_DTYPES:
-        return crelu(x, dim)
+        return track(x, dim, crelu(x, dim))
     return torch.cat([torch.relu(x), torch.relu(-x)], dim)
 
 
+# A call in any graph torch.fx traces, not traced through.
+torch.fx.wrap("fused_crelu")
+
+
 class _Tracer(torch.fx.Tracer):
-    """torch.fx's tracer, keeping crelu_ext's own module as a leaf."""
+    """torch.fx's tracer for one module's own forward: its submodules stay
+    calls (each is fused on its own), and so do crelu_ext's functions."""
 
-    def is_leaf_module(self, module: torch.nn.Module, qualified_name: str) -> bool:
-        return isinstance(module, CReLU) or super().is_leaf_module(module, qualified_name)
-
-
-def _trace(model: torch.nn.Module, training: bool) -> torch.fx.GraphModule:
-    model.train(training)
-    try:
-        # Calls of crelu_ext.crelu (however it was imported) stay calls in the graph.
-        tracer = _Tracer(
+    def __init__(self) -> None:
+        super().__init__(
             autowrap_modules=(math, sys.modules[__package__]),
             autowrap_functions=(crelu, fused_crelu),
         )
-        graph = tracer.trace(model)
-    except Exception as error:
-        raise RuntimeError(
-            f"crelu_ext.fuse: torch.fx cannot trace {type(model).__name__} ({error}). "
-            "Fuse the traceable submodule that holds the idiom instead, e.g. "
-            "model.block = crelu_ext.fuse(model.block)"
-        ) from error
-    return torch.fx.GraphModule(tracer.root, graph, type(model).__name__)
+
+    def is_leaf_module(self, module: torch.nn.Module, qualified_name: str) -> bool:
+        return True
 
 
 def _relu_input(node: torch.fx.Node, modules) -> tuple[torch.fx.Node, bool] | None:
@@ -155,9 +159,9 @@ def _may_write_in_place(node: torch.fx.Node, modules) -> bool:
 
 
 class _Fuser:
-    def __init__(self, module: torch.fx.GraphModule) -> None:
-        self.graph = module.graph
-        self.modules = dict(module.named_modules())
+    def __init__(self, graph: torch.fx.Graph, modules: dict[str, torch.nn.Module]) -> None:
+        self.graph = graph
+        self.modules = modules
         self.position = {}
 
     def number_nodes(self) -> None:
@@ -239,35 +243,187 @@ class _Fuser:
         return fused
 
 
-def fuse(model: torch.nn.Module) -> torch.fx.GraphModule:
-    """Returns ``model`` traced with torch.fx, with each hand-written CReLU
-    (``cat([relu(x), relu(-x)], d)``, ``relu(cat([x, -x], d))`` and their
-    variants: see crelu_ext/fuse.py) replaced by the fused op.
-
-    The result computes the same outputs and gradients bit for bit, in
-    training and in eval, and shares ``model``'s parameters and submodules.
-    Its ``fused`` attribute lists the names of the graph nodes that were
-    replaced (empty when there were none).
-
-    Raises RuntimeError when torch.fx cannot trace ``model``, or when its
-    forward takes different paths in training and in eval (a traced graph
-    would keep only one of them).
-    """
-    modes = {submodule: submodule.training for submodule in model.modules()}
+def _trace(module: torch.nn.Module) -> torch.fx.Graph | None:
+    """The graph of ``module``'s own forward, or None when torch.fx cannot
+    trace it or it takes different paths in training and in eval (a graph
+    keeps only one)."""
+    modes = {submodule: submodule.training for submodule in module.modules()}
+    graphs = []
     try:
-        traced = {mode: _trace(model, mode) for mode in (True, False)}
+        for training in (True, False):
+            module.train(training)
+            graphs.append(_Tracer().trace(module))
+    except Exception:  # anything the forward raises on proxies: not traceable
+        return None
     finally:  # each submodule's own mode: a frozen BatchNorm stays in eval
         for submodule, training in modes.items():
             submodule.training = training
-    if traced[True].code != traced[False].code:
-        raise RuntimeError(
-            f"crelu_ext.fuse: {type(model).__name__}.forward takes different paths in "
-            "training and in eval, and a traced graph keeps only one; fuse a submodule "
-            "whose forward does not branch on self.training"
+    train, evaluation = (graph.python_code("self").src for graph in graphs)
+    if train != evaluation:
+        return None
+    return graphs[module.training]
+
+
+def _is_builtin(module: torch.nn.Module) -> bool:
+    """torch's own modules and CReLU, whose code writes no idiom."""
+    return isinstance(module, (CReLU, torch.jit.ScriptModule)) or type(
+        module
+    ).__module__.startswith("torch.")
+
+
+def _define(source: str, namespace: dict) -> types.FunctionType:
+    """The ``forward`` defined by ``source``; its text goes to linecache so
+    that TorchScript and tracebacks can read it."""
+    filename = f"<crelu_ext.fuse {next(_FILE_NUMBERS)}>"
+    linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
+    namespace = dict(namespace)
+    exec(compile(source, filename, "exec"), namespace)
+    return namespace["forward"]
+
+
+_FILE_NUMBERS = itertools.count()
+
+
+class _Forward:
+    """A fused module instance's ``forward``: one generated from the graph of
+    its class's forward with the idioms replaced (or the class's own), run
+    inside ``crelu_ext.recompute()`` when asked. Pickles as its source."""
+
+    def __init__(self, module: torch.nn.Module, source: str | None, namespace: dict,
+                 recompute: bool) -> None:  # fmt: skip
+        self.module, self.source, self.namespace = module, source, namespace
+        self.recompute = recompute
+        self.function = None if source is None else _define(source, namespace)
+
+    def __call__(self, *args, **kwargs):
+        function = self.function or type(self.module).forward
+        if not self.recompute or torch.compiler.is_compiling():  # recompute is eager-only
+            return function(self.module, *args, **kwargs)
+        with recompute_saved():
+            return function(self.module, *args, **kwargs)
+
+    def __getstate__(self) -> dict:
+        # Modules pickle by name; the rest (torch's functions, fused_crelu,
+        # constants) by reference or value.
+        namespace = {
+            name: _ModuleName(value.__name__) if isinstance(value, types.ModuleType) else value
+            for name, value in self.namespace.items()
+        }
+        return {"module": self.module, "source": self.source, "namespace": namespace,
+                "recompute": self.recompute}  # fmt: skip
+
+    def __setstate__(self, state: dict) -> None:
+        namespace = {
+            name: importlib.import_module(value) if isinstance(value, _ModuleName) else value
+            for name, value in state["namespace"].items()
+        }
+        self.__init__(state["module"], state["source"], namespace, state["recompute"])
+
+    def prepare_scriptable(self) -> torch.nn.Module:
+        """For ``torch.jit.script``, which compiles a class's forward: a shallow
+        copy of the module, of a subclass with the fused forward if there is one
+        (scripted code runs without recompute)."""
+        module = self.module
+        cls = type(module)
+        if self.function is not None:
+            cls = type(cls.__name__, (cls,), {"forward": self.function})
+            cls.__module__, cls.__qualname__ = type(module).__module__, type(module).__qualname__
+        copy = cls.__new__(cls)
+        copy.__dict__.update(
+            (name, value)
+            for name, value in module.__dict__.items()
+            if name not in ("forward", "__prepare_scriptable__")
         )
-    module = traced[model.training]
-    module.training = model.training
-    module.fused = _Fuser(module).fuse()
-    module.graph.lint()
-    module.recompile()
-    return module
+        copy._modules = dict(module._modules)  # TorchScript replaces the entries
+        return copy
+
+
+class _ModuleName(str):
+    """A Python module in a pickled namespace."""
+
+
+def fuse(model: torch.nn.Module, recompute: bool = False) -> torch.nn.Module:
+    """Rewrites, in place, each hand-written CReLU in ``model``
+    (``cat([relu(x), relu(-x)], d)``, ``relu(cat([x, -x], d))`` and their
+    variants: see crelu_ext/fuse.py) to the fused op, and returns ``model``.
+
+    It visits every module of the tree: where torch.fx can trace a module's
+    own forward (its submodules stay calls) and the graph is the same in
+    training and in eval, the idioms in that forward (and in the functions
+    it calls) are replaced, by giving that instance a forward generated from
+    the graph. A module it cannot trace keeps its forward; its submodules are
+    fused all the same, so the model's other methods that call them get the
+    fused op too. Idioms in a forward that torch.fx cannot trace (shape
+    asserts, a dim computed from the rank) stay as written: compile the model
+    with ``backend="crelu_ext"`` for those. The model keeps its class,
+    parameters, buffers, state_dict keys and methods; it deep-copies, pickles
+    (``torch.save``, then ``torch.load(weights_only=False)``) and scripts with
+    ``torch.jit.script``.
+    ``model.fused`` lists what was replaced, as ``"qualified.module: node"``
+    (just ``"node"`` for ``model``'s own forward).
+
+    The fused model computes the same outputs and gradients bit for bit, in
+    training and in eval, with one limit: where ``x`` is NaN and ``x`` also
+    feeds another op (a residual ``conv(crelu(x)) + x``, say), autograd sums
+    the gradient parts in another order than for the composition, so the
+    gradient at that position may differ by rounding; outputs and NaN
+    positions stay equal.
+
+    ``recompute=True`` runs ``model``'s forward inside
+    :func:`crelu_ext.recompute`: the layer after each CReLU keeps CReLU's
+    input, not its twice-as-large output.
+    """
+    fused = []
+    for name, module in model.named_modules():
+        graph = None if _is_builtin(module) else _trace(module)
+        replaced = [] if graph is None else _Fuser(graph, dict(module.named_modules())).fuse()
+        with_recompute = recompute and module is model
+        if not (replaced or with_recompute):
+            if isinstance(module.__dict__.get("forward"), _Forward):  # fused before
+                del module.forward, module.__prepare_scriptable__
+            continue
+        fused += [f"{name}: {node}" if name else node for node in replaced]
+        source, namespace = None, {}
+        if replaced:
+            graph.lint()
+            code = graph.python_code("self")
+            source, namespace = code.src, code.globals
+        forward = _Forward(module, source, namespace, with_recompute)
+        module.forward = forward
+        module.__prepare_scriptable__ = forward.prepare_scriptable
+    model.fused = fused
+    return model
+
+
+def dynamo_backend(graph_module: torch.fx.GraphModule, example_inputs):
+    """``torch.compile(model, backend="crelu_ext")``: each graph Dynamo
+    captures, its CReLU idioms replaced by the fused op, compiled by Inductor.
+    Dynamo traces what torch.fx cannot (shape asserts, dims computed from the
+    rank), so this rewrites idioms that ``fuse`` leaves in eager code."""
+    from torch._inductor.compile_fx import compile_fx  # what backend="inductor" runs
+
+    rewrite(graph_module)
+    return compile_fx(graph_module, example_inputs)
+
+
+def rewrite(graph_module: torch.fx.GraphModule) -> list[str]:
+    """Replaces the CReLU idioms in ``graph_module``'s graph; returns the names
+    of the nodes replaced."""
+    replaced = _Fuser(graph_module.graph, dict(graph_module.named_modules())).fuse()
+    if replaced:
+        graph_module.graph.lint()
+        graph_module.recompile()
+    return replaced
+
+
+def _register_dynamo_backend() -> None:
+    # Installed, the package's entry point names the backend, and Dynamo loads
+    # it when asked for it. From a source tree it is registered here, when
+    # torch._dynamo is loaded already (importing it would load torch.onnx).
+    if "torch._dynamo" not in sys.modules:
+        return
+    if "crelu_ext" not in importlib.metadata.entry_points(group="torch_dynamo_backends").names:
+        torch._dynamo.register_backend(dynamo_backend, name="crelu_ext")
+
+
+_register_dynamo_backend()
