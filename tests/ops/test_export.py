@@ -7,7 +7,6 @@ torch.export and AOTInductor keep each backend's op, so they run per backend."""
 
 import subprocess
 import sys
-import warnings
 import zipfile
 
 import pytest
@@ -33,15 +32,13 @@ STANDARD_OPS = {"Relu", "Neg", "Concat"}
 
 def _onnx_export(model, x, path, exporter):
     """Exports with a dynamic batch dimension, the way a user would."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation warning
-        if exporter == "dynamo":
-            batch = torch.export.Dim("batch", min=1)
-            torch.onnx.export(model, (x,), path, dynamic_shapes=({0: batch},), verbose=False)
-        else:
-            torch.onnx.export(
-                model, (x,), path, dynamo=False, input_names=["x"], dynamic_axes={"x": {0: "batch"}}
-            )
+    if exporter == "dynamo":
+        batch = torch.export.Dim("batch", min=1)
+        torch.onnx.export(model, (x,), path, dynamic_shapes=({0: batch},), verbose=False)
+    else:
+        torch.onnx.export(
+            model, (x,), path, dynamo=False, input_names=["x"], dynamic_axes={"x": {0: "batch"}}
+        )
     return onnx.load(path)
 
 
@@ -109,8 +106,7 @@ def test_torchscript_export_refuses_a_graph_that_uses_the_mask(tmp_path):
         def forward(self, x):
             return torch.ops.crelu_ext.crelu(x, 1, True)
 
-    with pytest.raises(Exception, match="crelu"), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with pytest.raises(Exception, match="crelu"):
         path = str(tmp_path / "m.onnx")
         torch.onnx.export(ReturnsMask(), (torch.randn(2, 3),), path, dynamo=False)
 
@@ -196,7 +192,5 @@ def test_aoti_package_runs_the_backends_kernels(tmp_path, backend_device):
 
 def test_readme_onnx_example_runs(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        exec(readme_example("Deploying"), {})
+    exec(readme_example("Deploying"), {})
     assert (tmp_path / "crelu.onnx").exists()
