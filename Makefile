@@ -31,14 +31,26 @@ build: $(BUILT)
 
 # The tests; the native CPU kernels must have been built (no silent fallback).
 # The Triton kernels run on CPU tensors in Triton's interpreter, in a second
-# session: TRITON_INTERPRET is read when the kernels are defined.
+# session: TRITON_INTERPRET is read when the kernels are defined. Both sessions
+# run, each writes its JUnit XML ($(TEST_RESULTS).xml, $(TEST_RESULTS)-triton-cpu.xml),
+# and the last line counts the tests of both; any failure fails the target.
+TEST_RESULTS ?= build/test-results/test
 test: $(BUILT)
-	CRELU_EXT_REQUIRE_NATIVE=1 $(PYTHON) -m pytest tests -q
-	TRITON_INTERPRET=1 $(PYTHON) -m pytest tests -q -k triton-cpu
+	@mkdir -p $(dir $(TEST_RESULTS))
+	@rm -f $(TEST_RESULTS).xml $(TEST_RESULTS)-triton-cpu.xml
+	@status=0; \
+	CRELU_EXT_REQUIRE_NATIVE=1 $(PYTHON) -m pytest tests -q \
+	  --junitxml=$(TEST_RESULTS).xml || status=1; \
+	TRITON_INTERPRET=1 $(PYTHON) -m pytest tests -q -k triton-cpu \
+	  --junitxml=$(TEST_RESULTS)-triton-cpu.xml || status=1; \
+	$(PYTHON) tools/test_summary.py $(TEST_RESULTS).xml $(TEST_RESULTS)-triton-cpu.xml \
+	  || status=1; \
+	exit $$status
 
 # The same suite on the oldest supported torch (see requirements-oldest.txt).
 test-oldest:
-	$(MAKE) test VENV=.venv-oldest REQUIREMENTS=requirements-oldest.txt
+	$(MAKE) test VENV=.venv-oldest REQUIREMENTS=requirements-oldest.txt \
+	  TEST_RESULTS=build/test-results/test-oldest
 
 # The benchmark, on the GPU if there is one, else the CPU.
 bench: $(BUILT)

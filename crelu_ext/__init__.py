@@ -8,10 +8,18 @@ with crelu_ext.recompute():          # layers after CReLU keep its input, not it
 """
 
 from . import _export, reference  # noqa: F401  (_export: torch.onnx.export exports the ops)
-from .functional import available_backends, crelu
+from .functional import available_backends, crelu, set_default_backend
 from .fuse import fuse
 from .nn import CReLU
 from .recompute import recompute
 
 __version__ = "0.1.0"
-__all__ = ["CReLU", "available_backends", "crelu", "fuse", "recompute", "reference"]
+__all__ = [
+    "CReLU",
+    "available_backends",
+    "crelu",
+    "fuse",
+    "recompute",
+    "reference",
+    "set_default_backend",
+]

@@ -26,6 +26,22 @@ _IMPLEMENTATIONS = {
     "triton": triton_backend.crelu,
     "reference": reference.crelu,
 }
+_REGISTERED = {}
+_DEFAULT = [os.environ.get(ENV_VAR)]
+
+
+def register_backend(name, implementation, is_available):
+    global BACKENDS
+    BACKENDS = (*BACKENDS, name)
+    _IMPLEMENTATIONS[name] = implementation
+    _REGISTERED[name] = is_available
+
+
+def set_default_backend(name):
+    previous = _DEFAULT[0]
+    _DEFAULT[0] = name
+    _SELECTED.clear()
+    return "auto" if previous is None else previous
 
 
 def available_backends(device: torch.device | str | None = None) -> list[str]:
@@ -37,6 +53,7 @@ def available_backends(device: torch.device | str | None = None) -> list[str]:
         available.append("native")
     if triton_backend.triton_available(device):
         available.append("triton")
+    available += [name for name, is_available in _REGISTERED.items() if is_available(device)]
     available.append("reference")
     return available
 
@@ -46,7 +63,7 @@ def select_backend(backend: str, device: torch.device) -> str:
     if set, else the first available backend."""
     requested, origin = backend, "backend"
     if backend == "auto":
-        requested, origin = os.environ.get(ENV_VAR, "auto"), ENV_VAR
+        requested, origin = _backend_override() or "auto", ENV_VAR
     available = available_backends(device)
     if requested == "auto":
         return available[0]
@@ -72,6 +89,8 @@ def select_backend(backend: str, device: torch.device) -> str:
 
 def _backend_override() -> str | None:
     """$CRELU_EXT_BACKEND, read on every call."""
+    if _DEFAULT[0] not in (None, "auto"):
+        return _DEFAULT[0]
     if torch.compiler.is_compiling():
         return os.environ.get(ENV_VAR)
     value = _ENVIRON_DATA.get(_ENV_KEY)

@@ -1,76 +1,39 @@
-import functools
 import os
 
 import pytest
-import torch
+from helpers import backend_devices
 
 import crelu_ext
-from crelu_ext.testing import emulated as _emulated
-
-# Backends under test on each device. A combination that cannot run here is
-# skipped with the reason; CI requires the native CPU kernels separately
-# (test_build.py), so a broken build cannot hide behind a skip.
-# triton-cpu runs in Triton's interpreter: `TRITON_INTERPRET=1 pytest -k triton-cpu`.
-# emulated-cpu runs the CUDA kernels' code on the host (crelu_ext/testing/emulated.py),
-# emulated64-cpu the same with 64-bit offsets forced; tests reach them through
-# crelu_ext.crelu(x, dim, backend=...) like any other backend.
-BACKEND_DEVICES = [
-    ("native", "cpu"),
-    ("triton", "cpu"),
-    ("reference", "cpu"),
-    ("emulated", "cpu"),
-    ("emulated64", "cpu"),
-    ("native", "cuda"),
-    ("triton", "cuda"),
-    ("reference", "cuda"),
-]
+from crelu_ext import _native
+from crelu_ext.testing import emulated
 
 
-def _param(backend, device):
-    marks = [pytest.mark.cuda] if device == "cuda" else []
-    return pytest.param((backend, device), id=f"{backend}-{device}", marks=marks)
-
-
-# The private backends, by name: their index_bits for crelu_ext.testing.emulated.crelu.
-EMULATED_INDEX_BITS = {"emulated": None, "emulated64": 64}
-
-
-def add_test_backend(monkeypatch, name, implementation):
-    """Lets crelu_ext.crelu(x, dim, backend=name), and CReLU(backend=name), run
-    implementation(x, dim) on CPU tensors until the test ends."""
-    backends = crelu_ext.functional
-    available = backends.available_backends
-
-    def with_test_backend(device=None):
-        on_cpu = torch.device("cpu" if device is None else device).type == "cpu"
-        return [*available(device), name] if on_cpu else available(device)
-
-    monkeypatch.setattr(backends, "BACKENDS", (*backends.BACKENDS, name))
-    monkeypatch.setitem(backends._IMPLEMENTATIONS, name, implementation)
-    monkeypatch.setattr(backends, "available_backends", with_test_backend)
-
-
-@pytest.fixture(params=[_param(b, d) for b, d in BACKEND_DEVICES])
-def backend_device(request, monkeypatch):
-    backend, device = request.param
-    if device == "cuda" and not torch.cuda.is_available():
-        pytest.skip("no CUDA device")
-    if backend in EMULATED_INDEX_BITS:
-        if not _emulated.AVAILABLE:
-            pytest.skip(f"no emulated CUDA kernels: {_emulated.UNAVAILABLE_REASON}")
-        index_bits = EMULATED_INDEX_BITS[backend]
-        add_test_backend(
-            monkeypatch, backend, functools.partial(_emulated.crelu, index_bits=index_bits)
+def pytest_configure(config):
+    # The backend-parametrized tests are generated only for what runs here, so
+    # a build that lacks what CI requires would shrink the suite, not fail it.
+    native = "native" in crelu_ext.available_backends("cpu")
+    if os.environ.get("CRELU_EXT_REQUIRE_NATIVE") == "1" and not native:
+        raise pytest.UsageError(
+            "CRELU_EXT_REQUIRE_NATIVE=1, but the native CPU kernels are not available: "
+            f"{_native.native_unavailable_reason()}"
         )
-        return backend, device
-    if backend not in crelu_ext.available_backends(device):
-        pytest.skip(f"{backend} is not available on {device}")
-    return backend, device
+    if os.environ.get("CRELU_EXT_CUDA") == "1" and not emulated.AVAILABLE:
+        raise pytest.UsageError(
+            "CRELU_EXT_CUDA=1, but the build has no emulated CUDA kernels: "
+            f"{emulated.UNAVAILABLE_REASON}"
+        )
+
+
+@pytest.fixture(params=backend_devices())
+def backend_device(request):
+    """(backend, device), for every pair that runs here (helpers.BACKEND_DEVICES)."""
+    return request.param
 
 
 @pytest.fixture(autouse=True)
-def _no_backend_override(monkeypatch):
-    # Tests choose backends explicitly; an override in the caller's shell would
-    # silently change what "auto" means.
-    if "CRELU_EXT_BACKEND" in os.environ:
-        monkeypatch.delenv("CRELU_EXT_BACKEND")
+def _auto_is_the_default_backend():
+    # Tests choose backends explicitly; a default set by the caller's
+    # $CRELU_EXT_BACKEND would silently change what "auto" means.
+    previous = crelu_ext.set_default_backend("auto")
+    yield
+    crelu_ext.set_default_backend(previous)

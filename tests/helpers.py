@@ -8,8 +8,27 @@ import pytest
 import torch
 
 import crelu_ext
+import crelu_ext.testing.emulated  # registers the emulated backends when built
 
 INT_VIEW = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+# The (backend, device) pairs that run on this machine, and only those: tests
+# reach each through crelu_ext.crelu(x, dim, backend=...). On the CPU: native,
+# reference, triton in Triton's interpreter (a session with TRITON_INTERPRET=1:
+# `TRITON_INTERPRET=1 pytest -k triton-cpu`), and the CUDA kernels run on the
+# host (emulated, emulated64: crelu_ext/testing/emulated.py) when the build has
+# them; on CUDA, when there is a device. conftest.py fails the session when a
+# required build is missing, so nothing required is left out silently.
+DEVICES = ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"]
+BACKEND_DEVICES = [(b, d) for d in DEVICES for b in crelu_ext.available_backends(d)]
+
+# Each backend's forward op in torch.ops.crelu_ext; the reference is the composition.
+FORWARD_OPS = {
+    "native": "crelu",
+    "triton": "triton_crelu",
+    "emulated": "emulated_crelu",
+    "emulated64": "emulated64_crelu",
+}
 
 
 def unsupported(backend: str, device: str, dtype: torch.dtype) -> bool:
@@ -18,9 +37,31 @@ def unsupported(backend: str, device: str, dtype: torch.dtype) -> bool:
     return backend == "triton" and device == "cpu" and dtype == torch.bfloat16
 
 
-def skip_unsupported(backend: str, device: str, dtype: torch.dtype) -> None:
-    if unsupported(backend, device, dtype):
-        pytest.skip("Triton's interpreter has no bfloat16")
+def _marks(device: str) -> list:
+    return [pytest.mark.cuda] if device == "cuda" else []
+
+
+def backend_devices(include=None) -> list:
+    """pytest params ``(backend, device)`` with ids ``backend-device``, for
+    BACKEND_DEVICES or those that ``include(backend, device)`` accepts."""
+    return [
+        pytest.param((b, d), id=f"{b}-{d}", marks=_marks(d))
+        for b, d in BACKEND_DEVICES
+        if include is None or include(b, d)
+    ]
+
+
+def backend_devices_and_dtypes(dtypes, include=None) -> list:
+    """pytest params ``(backend, device), dtype`` for ``("backend_device", "dtype")``:
+    those of :func:`backend_devices` times ``dtypes``, less what a backend
+    cannot compute (see :func:`unsupported`)."""
+    return [
+        pytest.param((b, d), dtype, id=f"{b}-{d}-{dtype}", marks=_marks(d))
+        for b, d in BACKEND_DEVICES
+        if include is None or include(b, d)
+        for dtype in dtypes
+        if not unsupported(b, d, dtype)
+    ]
 
 
 def special_values(dtype: torch.dtype) -> list[float]:

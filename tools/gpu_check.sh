@@ -172,10 +172,16 @@ if ((FAILED)); then
 fi
 
 # --- 2. quick CUDA parity of both backends (native, triton) -----------------
-# In a dry run every test selected here skips (no GPU), which still checks
-# that the selection collects tests.
+# Without a GPU no CUDA case is generated: a dry run collects the files.
+# Each pytest run also writes its JUnit XML to build/test-results (CI counts them).
+parity_files=(tests/ops/test_parity.py tests/ops/test_autograd.py tests/ops/test_cuda.py)
+if ((DRY_RUN)); then
+  parity_selection=(--collect-only)
+else
+  parity_selection=(-m "cuda and not large")
+fi
 step parity 120 env CRELU_EXT_REQUIRE_NATIVE=1 "$PYTHON" -m pytest -q -p no:cacheprovider \
-  tests/ops/test_parity.py tests/ops/test_autograd.py tests/ops/test_cuda.py -m "cuda and not large"
+  --junitxml=build/test-results/gpu-check-parity.xml "${parity_files[@]}" "${parity_selection[@]}"
 
 # --- 3. benchmarks: fp32, bf16 ---------------------------------------------
 # Most of their time is torch.compile compiling its providers, case by case.
@@ -211,7 +217,7 @@ if ((DRY_RUN)); then
     tests --collect-only
 else
   step suite "$BUDGET_S" env CRELU_EXT_REQUIRE_NATIVE=1 "$PYTHON" -m pytest -q \
-    -p no:cacheprovider tests
+    -p no:cacheprovider --junitxml=build/test-results/gpu-check-suite.xml tests
 fi
 
 echo

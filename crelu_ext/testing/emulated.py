@@ -64,3 +64,12 @@ def _register() -> None:
 
 if AVAILABLE:
     _register()
+
+
+if AVAILABLE:
+    from functools import partial
+
+    from ..functional import register_backend
+
+    for _name, _bits in (("emulated", None), ("emulated64", 64)):
+        register_backend(_name, partial(crelu, index_bits=_bits), lambda d: d.type == "cpu")

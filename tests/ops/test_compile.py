@@ -2,27 +2,31 @@
 
 import pytest
 import torch
-from helpers import assert_bitwise_equal, crelu_and_grad, make_input
+from helpers import FORWARD_OPS, assert_bitwise_equal, backend_devices, make_input
 
 import crelu_ext
 
-
-@pytest.fixture
-def backend_device(backend_device):
-    if backend_device == ("triton", "cpu"):
-        pytest.skip(
-            "interpreted Triton kernels are Python functions that torch.compile cannot trace"
-        )
-    return backend_device
+# Interpreted Triton kernels are Python functions that torch.compile cannot trace.
+traceable = pytest.mark.parametrize(
+    "backend_device", backend_devices(include=lambda b, d: (b, d) != ("triton", "cpu"))
+)
 
 
 @pytest.fixture(autouse=True)
 def _fresh_dynamo():
-    torch._dynamo.reset()
+    torch.compiler.reset()
     yield
-    torch._dynamo.reset()
+    torch.compiler.reset()
 
 
+def crelu_and_grad_of(fn, x, grad):
+    x = x.detach().clone().requires_grad_(True)
+    out = fn(x)
+    (grad_x,) = torch.autograd.grad(out, x, grad)
+    return out, grad_x
+
+
+@traceable
 def test_compile_fullgraph_dynamic_forward_and_backward(backend_device):
     backend, device = backend_device
 
@@ -39,13 +43,7 @@ def test_compile_fullgraph_dynamic_forward_and_backward(backend_device):
         assert_bitwise_equal(grad_x, eager_grad, "backward")
 
 
-def crelu_and_grad_of(fn, x, grad):
-    x = x.detach().clone().requires_grad_(True)
-    out = fn(x)
-    (grad_x,) = torch.autograd.grad(out, x, grad)
-    return out, grad_x
-
-
+@traceable
 def test_compiled_module(backend_device):
     # The module between two ops that only move data, so every bit is the op's.
     backend, device = backend_device
@@ -57,10 +55,34 @@ def test_compiled_module(backend_device):
         assert_bitwise_equal(torch.compile(net, fullgraph=True)(x), net(x))
 
 
-def test_no_graph_break_counts(backend_device):
+def crelu_ext_ops(graph: torch.fx.GraphModule) -> set[str]:
+    """The crelu_ext ops the graph calls, by name (an op prints as
+    ``crelu_ext.name`` or ``crelu_ext.name.overload``)."""
+    names = (str(node.target).split(".") for node in graph.graph.nodes)
+    return {name[1] for name in names if name[0] == "crelu_ext"}
+
+
+@traceable
+def test_one_graph_holds_the_backends_op(backend_device):
+    """Dynamo captures the call in one graph, as the backend's op (the reference
+    as its composition), and the graph gives eager's bits forward and backward."""
     backend, device = backend_device
+    graphs = []
+
+    def record(graph, example_inputs):
+        graphs.append(graph)
+        return graph.forward
+
+    def fn(t):
+        return crelu_ext.crelu(t, -1, backend=backend)
+
+    compiled = torch.compile(fn, backend=record)
     x = make_input((2, 4, 3, 3), torch.float32, device)
-    explanation = torch._dynamo.explain(lambda t: crelu_ext.crelu(t, -1, backend=backend))(x)
-    assert explanation.graph_break_count == 0
-    assert explanation.graph_count == 1
-    assert crelu_and_grad(x, -1, torch.ones(2, 4, 3, 6, device=device), backend)
+    grad = make_input((2, 4, 3, 6), torch.float32, device, seed=1)
+    out, grad_x = crelu_and_grad_of(compiled, x, grad)
+    assert len(graphs) == 1, f"{len(graphs)} graphs: a graph break"
+    expected = {FORWARD_OPS[backend]} if backend in FORWARD_OPS else set()
+    assert crelu_ext_ops(graphs[0]) == expected
+    eager_out, eager_grad = crelu_and_grad_of(fn, x, grad)
+    assert_bitwise_equal(out, eager_out, "forward")
+    assert_bitwise_equal(grad_x, eager_grad, "backward")

@@ -8,16 +8,14 @@ from helpers import assert_bitwise_equal, crelu_and_grad, make_input
 import crelu_ext
 from crelu_ext.testing import emulated as _emulated
 
-pytestmark = [
-    pytest.mark.cuda,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"),
-]
+if not torch.cuda.is_available():
+    pytest.skip("no CUDA device", allow_module_level=True)
+
+pytestmark = pytest.mark.cuda
 
 
-@pytest.fixture(params=["native", "triton"])
+@pytest.fixture(params=[b for b in crelu_ext.available_backends("cuda") if b != "reference"])
 def cuda_backend(request):
-    if request.param not in crelu_ext.available_backends("cuda"):
-        pytest.skip(f"{request.param} is not available on cuda")
     return request.param
 
 
@@ -97,7 +95,7 @@ def test_more_than_2_pow_31_elements(cuda_backend):
 )
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 def test_the_gpu_gives_the_emulators_bytes(shape, dim, dtype):
-    # What CI checks on the host (tests/test_emulated.py) holds on the GPU:
+    # What CI checks on the host (tests/ops/test_emulated.py) holds on the GPU:
     # the same outputs and mask bytes, padding included.
     ops = torch.ops.crelu_ext
     x = make_input(shape, dtype)

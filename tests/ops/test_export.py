@@ -1,14 +1,23 @@
 """Deployment: ONNX export with both exporters (no user registration),
-torch.export and AOTInductor, each compared with eager."""
+torch.export and AOTInductor, each compared with eager.
+
+While torch.onnx.export traces, crelu_ext.crelu runs the composition whatever
+its backend (crelu_ext/_export.py), so the ONNX tests run once per exporter;
+torch.export and AOTInductor keep each backend's op, so they run per backend."""
 
 import subprocess
 import sys
-import warnings
 import zipfile
 
 import pytest
 import torch
-from helpers import assert_bitwise_equal, make_input, readme_example
+from helpers import (
+    FORWARD_OPS,
+    assert_bitwise_equal,
+    backend_devices,
+    make_input,
+    readme_example,
+)
 
 import crelu_ext
 from crelu_ext import _export as _onnx
@@ -23,15 +32,13 @@ STANDARD_OPS = {"Relu", "Neg", "Concat"}
 
 def _onnx_export(model, x, path, exporter):
     """Exports with a dynamic batch dimension, the way a user would."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation warning
-        if exporter == "dynamo":
-            batch = torch.export.Dim("batch", min=1)
-            torch.onnx.export(model, (x,), path, dynamic_shapes=({0: batch},), verbose=False)
-        else:
-            torch.onnx.export(
-                model, (x,), path, dynamo=False, input_names=["x"], dynamic_axes={"x": {0: "batch"}}
-            )
+    if exporter == "dynamo":
+        batch = torch.export.Dim("batch", min=1)
+        torch.onnx.export(model, (x,), path, dynamic_shapes=({0: batch},), verbose=False)
+    else:
+        torch.onnx.export(
+            model, (x,), path, dynamo=False, input_names=["x"], dynamic_axes={"x": {0: "batch"}}
+        )
     return onnx.load(path)
 
 
@@ -59,17 +66,15 @@ def test_onnx_activation_is_standard_ops_and_bitwise_equal(tmp_path, exporter, d
 
 
 @pytest.mark.parametrize("exporter", EXPORTERS)
-def test_onnx_export_of_each_backend(tmp_path, backend_device, exporter):
-    """The Triton op exports as the native one does (run with TRITON_INTERPRET=1
-    for triton-cpu)."""
-    backend, device = backend_device
-    model = crelu_ext.CReLU(-1, backend=backend).eval()
+def test_onnx_export_does_not_depend_on_the_backend(tmp_path, exporter):
+    """A model built for Triton exports the standard ops too, even where Triton
+    cannot run: the backend is not looked up while the exporter traces."""
+    model = crelu_ext.CReLU(-1, backend="triton").eval()
     path = str(tmp_path / "crelu.onnx")
-    exported = _onnx_export(model, torch.randn(2, 3, 4, device=device), path, exporter)
+    exported = _onnx_export(model, torch.randn(2, 3, 4), path, exporter)
     assert _op_types(exported) == {("", op) for op in STANDARD_OPS}
     x = make_input((3, 3, 4), torch.float32, seed=7)
-    expected = crelu_ext.crelu(x.to(device), -1, backend=backend).cpu()
-    assert_bitwise_equal(_run_ort(path, x), expected)
+    assert_bitwise_equal(_run_ort(path, x), crelu_ext.reference.crelu(x, -1))
 
 
 @pytest.mark.parametrize("exporter", EXPORTERS)
@@ -101,8 +106,7 @@ def test_torchscript_export_refuses_a_graph_that_uses_the_mask(tmp_path):
         def forward(self, x):
             return torch.ops.crelu_ext.crelu(x, 1, True)
 
-    with pytest.raises(Exception, match="crelu"), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with pytest.raises(Exception, match="crelu"):
         path = str(tmp_path / "m.onnx")
         torch.onnx.export(ReturnsMask(), (torch.randn(2, 3),), path, dynamo=False)
 
@@ -123,46 +127,70 @@ torch.onnx.export(crelu_ext.CReLU(), (torch.randn(2, 3),), path, dynamo=False)
     assert result.returncode == 0, result.stderr[-3000:]
 
 
-def test_torch_export_dynamic_batch_runs_the_native_op():
-    model = crelu_ext.CReLU(1)
+def _crelu_ext_ops(program) -> set[str]:
+    """The crelu_ext ops the exported graph calls (``crelu_ext.name.overload``)."""
+    targets = (str(node.target) for node in program.graph.nodes if node.op == "call_function")
+    return {target for target in targets if target.startswith("crelu_ext.")}
+
+
+@pytest.mark.parametrize("backend_device", backend_devices())
+def test_torch_export_dynamic_batch_keeps_the_backends_op(backend_device):
+    backend, device = backend_device
+    model = crelu_ext.CReLU(1, backend=backend)
     batch = torch.export.Dim("batch", min=1)
-    program = torch.export.export(model, (torch.randn(2, 3, 4),), dynamic_shapes=({0: batch},))
-    assert any(node.target is torch.ops.crelu_ext.crelu.default for node in program.graph.nodes)
-    x = make_input((5, 3, 4), torch.float32, seed=5)
-    assert_bitwise_equal(program.module()(x), crelu_ext.crelu(x, 1))
+    x = torch.randn(2, 3, 4, device=device)
+    program = torch.export.export(model, (x,), dynamic_shapes=({0: batch},))
+    expected = {f"crelu_ext.{FORWARD_OPS[backend]}.default"} if backend in FORWARD_OPS else set()
+    assert _crelu_ext_ops(program) == expected
+    x = make_input((5, 3, 4), torch.float32, device, seed=5)
+    assert_bitwise_equal(program.module()(x), crelu_ext.reference.crelu(x, 1))
 
 
-def test_aoti_package_calls_the_native_op(tmp_path):
+# The backends that ship kernels, where AOTInductor can compile them: the
+# emulated ops would take the native op's path (an extern call) again.
+@pytest.mark.parametrize(
+    "backend_device",
+    backend_devices(include=lambda b, d: b == "native" or (b, d) == ("triton", "cuda")),
+)
+def test_aoti_package_runs_the_backends_kernels(tmp_path, backend_device):
     """One small model through AOTInductor: compile, package, load, run. The
-    op is not lowered into Inductor's code: the package's C++ hands it to the
-    proxy executor, which calls crelu_ext::crelu through the dispatcher (seen
-    in the profiler)."""
+    native op is not lowered into Inductor's code: the package's C++ hands it
+    to the proxy executor, which calls crelu_ext::crelu through the dispatcher
+    (seen in the profiler). The Triton op's kernels are compiled into the
+    package."""
+    backend, device = backend_device
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(8, 4), crelu_ext.CReLU(-1)).eval()
+    model = torch.nn.Sequential(torch.nn.Linear(8, 4), crelu_ext.CReLU(-1, backend=backend))
+    model = model.to(device).eval()
     batch = torch.export.Dim("batch", min=1)
-    program = torch.export.export(model, (torch.randn(2, 8),), dynamic_shapes=({0: batch},))
+    example = (torch.randn(2, 8, device=device),)
+    program = torch.export.export(model, example, dynamic_shapes=({0: batch},))
     package = torch._inductor.aoti_compile_and_package(
         program, package_path=str(tmp_path / "crelu.pt2")
     )
     with zipfile.ZipFile(package) as archive:
-        files = {name: archive.read(name) for name in archive.namelist()}
-    (wrapper,) = [text for name, text in files.items() if name.endswith("wrapper.cpp")]
-    (extern_nodes,) = [text for name, text in files.items() if name.endswith("wrapper.json")]
-    assert b"aoti_torch_proxy_executor_call_function" in wrapper
-    assert b'"target": "crelu_ext::crelu"' in extern_nodes
+        sources = b"\n".join(
+            archive.read(name) for name in archive.namelist() if name.endswith((".cpp", ".json"))
+        )
+    if backend == "native":
+        assert b"aoti_torch_proxy_executor_call_function" in sources
+        assert b'"target": "crelu_ext::crelu"' in sources
+    else:
+        assert b"_crelu_forward_kernel" in sources
+        assert b"aoti_torch_proxy_executor_call_function" not in sources
 
     loaded = torch._inductor.aoti_load_package(package)
-    x = make_input((5, 8), torch.float32, seed=6)
+    x = make_input((5, 8), torch.float32, device, seed=6)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
         out = loaded(x)
-    assert "crelu_ext::crelu" in {event.name for event in profile.events()}
+    assert ("crelu_ext::crelu" in {event.name for event in profile.events()}) == (
+        backend == "native"
+    )
     with torch.no_grad():
         assert_bitwise_equal(out, model(x))
 
 
 def test_readme_onnx_example_runs(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        exec(readme_example("Deploying"), {})
+    exec(readme_example("Deploying"), {})
     assert (tmp_path / "crelu.onnx").exists()

@@ -5,7 +5,14 @@ import itertools
 
 import pytest
 import torch
-from helpers import LAYOUTS, assert_bitwise_equal, crelu_and_grad, make_input, skip_unsupported
+from helpers import (
+    LAYOUTS,
+    assert_bitwise_equal,
+    backend_devices,
+    backend_devices_and_dtypes,
+    crelu_and_grad,
+    make_input,
+)
 
 import crelu_ext
 from crelu_ext._layout import allocate_forward
@@ -33,11 +40,10 @@ SHAPE_LAYOUTS = [
 ]
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(("backend_device", "dtype"), backend_devices_and_dtypes(DTYPES))
 @pytest.mark.parametrize(("shape", "layout"), SHAPE_LAYOUTS)
 def test_forward_and_backward_match_reference(backend_device, shape, layout, dtype):
     backend, device = backend_device
-    skip_unsupported(backend, device, dtype)
     x = LAYOUTS[layout](make_input(shape, dtype, device))
     for dim in range(-x.dim(), x.dim()):
         expected = torch.cat([torch.relu(x), torch.relu(-x)], dim)
@@ -92,11 +98,23 @@ def ambiguous_layouts(x):
     yield "sliced", torch.cat([x, x], -1)[..., ::2], False
 
 
-@pytest.mark.parametrize("shape", AMBIGUOUS_SHAPES, ids=str)
+def compiled(backend, device):
+    """All but Triton's interpreter, which runs kernels a thousand times slower."""
+    return (backend, device) != ("triton", "cpu")
+
+
+# Every shape takes minutes in Triton's interpreter: there, those with one channel.
+AMBIGUOUS_CASES = [
+    pytest.param(case.values[0], shape, id=f"{case.id}-{shape}", marks=case.marks)
+    for case in backend_devices()
+    for shape in AMBIGUOUS_SHAPES
+    if compiled(*case.values[0]) or shape[1] == 1
+]
+
+
+@pytest.mark.parametrize(("backend_device", "shape"), AMBIGUOUS_CASES)
 def test_strides_follow_torch_cat_when_the_layout_is_ambiguous(backend_device, shape):
     backend, device = backend_device
-    if (backend, device) == ("triton", "cpu") and shape[1] != 1:
-        pytest.skip("a sample: every shape takes minutes in Triton's interpreter")
     x0 = make_input(shape, torch.float32, device)
     for name, x, check_grad_strides in ambiguous_layouts(x0):
         for dim in range(x.dim()):
@@ -122,11 +140,10 @@ def test_fake_kernels_give_torch_cat_strides():
                 assert out.stride() == expected.stride(), f"{shape} {name} dim={dim}"
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(("backend_device", "dtype"), backend_devices_and_dtypes(DTYPES))
 def test_large_rows_take_the_vector_path(backend_device, dtype):
     # Enough elements for several parallel tasks and both vector and tail paths.
     backend, device = backend_device
-    skip_unsupported(backend, device, dtype)
     x = make_input((3, 96, 17, 19), dtype, device, seed=3).to(memory_format=torch.channels_last)
     grad = make_input((3, 192, 17, 19), dtype, device, seed=4)
     expected, expected_grad = crelu_and_grad(x, 1, grad, "reference")
@@ -152,14 +169,16 @@ def test_autocast_keeps_dtype(backend_device):
     assert_bitwise_equal(out, crelu_ext.reference.crelu(x, 1))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+# 12M elements take minutes in Triton's interpreter.
+@pytest.mark.parametrize(
+    ("backend_device", "dtype"),
+    backend_devices_and_dtypes([torch.float32, torch.float16], include=compiled),
+)
 def test_outputs_large_enough_for_streaming_stores(backend_device, dtype):
     # Outputs over 8 MiB are written with non-temporal stores on CPU when their
     # memory is already mapped, which a repeated allocation of one size makes
     # likely; each run must give the reference's bits.
     backend, device = backend_device
-    if (backend, device) == ("triton", "cpu"):
-        pytest.skip("12M elements take minutes in Triton's interpreter")
     x = make_input((2, 3, 1000, 1001), dtype, device, seed=9)
     grad = make_input((2, 6, 1000, 1001), dtype, device, seed=10)
     expected, expected_grad = crelu_and_grad(x, 1, grad, "reference")

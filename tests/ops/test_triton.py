@@ -1,24 +1,31 @@
-"""What is particular to the Triton backend: its two known traps, checked
-value by value, and no recompiles per shape on a GPU."""
-
-import importlib.util
-from collections import Counter
-from pathlib import Path
+"""What is particular to the Triton kernels: their two known traps, checked
+value by value, the native CPU kernels' bits and mask bytes for every launch
+plan, and no recompiles per shape on a GPU. The launch plan itself, which
+needs no device, is in test_triton_plan.py."""
 
 import pytest
 import torch
-from helpers import assert_bitwise_equal, make_input
+from helpers import BACKEND_DEVICES, assert_bitwise_equal, make_input
 
 import crelu_ext
 from crelu_ext.triton import ops as triton_kernels
 
+TRITON_DEVICES = [device for backend, device in BACKEND_DEVICES if backend == "triton"]
+if not TRITON_DEVICES:
+    pytest.skip(
+        "Triton runs on no device here: no GPU, and TRITON_INTERPRET=1 is not set",
+        allow_module_level=True,
+    )
 
-@pytest.fixture
-def triton_device(backend_device):
-    backend, device = backend_device
-    if backend != "triton":
-        pytest.skip("Triton backend only")
-    return device
+
+@pytest.fixture(
+    params=[
+        pytest.param(d, id=f"triton-{d}", marks=[pytest.mark.cuda] if d == "cuda" else [])
+        for d in TRITON_DEVICES
+    ]
+)
+def triton_device(request):
+    return request.param
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64], ids=str)
@@ -48,9 +55,9 @@ def test_nan_propagates_through_both_halves(triton_device, dtype):
 
 
 @pytest.mark.cuda
-def test_no_recompile_per_shape(triton_device):
-    if triton_device != "cuda":
-        pytest.skip("compiled kernels exist only on a GPU")
+@pytest.mark.skipif("cuda" not in TRITON_DEVICES, reason="no CUDA device")
+def test_no_recompile_per_shape():
+    # Compiled kernels exist only on a GPU.
     kernel = triton_kernels._crelu_forward_kernel
 
     def compiled_variants():
@@ -58,6 +65,7 @@ def test_no_recompile_per_shape(triton_device):
 
     crelu_ext.crelu(torch.randn(2, 16, 4, 4, device="cuda"), 1, backend="triton")
     before = compiled_variants()
+    assert before > 0, "the first call compiled no kernel"
     # Sizes keep Triton's divisibility-by-16 specialization the same.
     for shape in [(4, 32, 8, 8), (3, 48, 16, 16), (16, 16, 4, 4), (5, 64, 12, 12)]:
         crelu_ext.crelu(torch.randn(shape, device="cuda"), 1, backend="triton")
@@ -79,40 +87,42 @@ PLAN_CASES = [
 
 
 def _native_ops_match_triton_ops(x, dim):
-    """The three Triton ops give the native CPU kernels' bits, mask bytes included."""
-    out, mask = torch.ops.crelu_ext.triton_crelu(x, dim, True)
-    expected_out, expected_mask = torch.ops.crelu_ext.crelu(x, dim, True)
+    """The three Triton ops, on x's device, give the native CPU kernels' bits,
+    mask bytes included."""
+    ops, cpu, fmt = torch.ops.crelu_ext, x.cpu(), torch.contiguous_format
+    out, mask = ops.triton_crelu(x, dim, True)
+    expected_out, expected_mask = ops.crelu(cpu, dim, True)
     assert_bitwise_equal(out, expected_out, "forward")
-    assert torch.equal(mask, expected_mask), "mask bytes differ"
+    assert torch.equal(mask.cpu(), expected_mask), "mask bytes differ"
     grad_out = make_input(out.shape, x.dtype, seed=5)
-    fmt = torch.contiguous_format
     assert_bitwise_equal(
-        torch.ops.crelu_ext.triton_crelu_backward(grad_out, mask, dim, fmt),
-        torch.ops.crelu_ext.crelu_backward(grad_out, mask, dim, fmt),
+        ops.triton_crelu_backward(grad_out.to(x.device), mask, dim, fmt),
+        ops.crelu_backward(grad_out, expected_mask, dim, fmt),
         "backward",
     )
     grad_grad_x = make_input(x.shape, x.dtype, seed=6)
     assert_bitwise_equal(
-        torch.ops.crelu_ext.triton_crelu_backward_backward(grad_grad_x, mask, dim, fmt),
-        torch.ops.crelu_ext.crelu_backward_backward(grad_grad_x, mask, dim, fmt),
+        ops.triton_crelu_backward_backward(grad_grad_x.to(x.device), mask, dim, fmt),
+        ops.crelu_backward_backward(grad_grad_x, expected_mask, dim, fmt),
         "double backward",
     )
 
 
 @pytest.fixture
 def triton_and_native_cpu(triton_device):
-    if triton_device != "cpu" or "native" not in crelu_ext.available_backends("cpu"):
-        pytest.skip("compares with the native CPU kernels")
+    if "native" not in crelu_ext.available_backends("cpu"):
+        pytest.skip("compares with the native CPU kernels, which are not built")
+    return triton_device
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64], ids=str)
 @pytest.mark.parametrize(("shape", "dim"), PLAN_CASES)
 def test_every_plan_matches_native_bits(triton_and_native_cpu, shape, dim, dtype):
-    _native_ops_match_triton_ops(make_input(shape, dtype), dim)
+    _native_ops_match_triton_ops(make_input(shape, dtype, triton_and_native_cpu), dim)
 
 
 def test_misaligned_input_matches_native_bits(triton_and_native_cpu):
-    flat = make_input((37 * 64 + 1,), torch.float32)
+    flat = make_input((37 * 64 + 1,), torch.float32, triton_and_native_cpu)
     x = flat[1:].view(37, 64)  # 4 bytes past a 16-byte boundary: the scalar path
     assert x.data_ptr() % triton_kernels.VECTOR_BYTES != 0
     _native_ops_match_triton_ops(x, 1)
@@ -123,109 +133,4 @@ def test_rows_past_int32_take_the_wide_path(triton_and_native_cpu, monkeypatch):
     # 3000 through the same code.
     monkeypatch.setattr(triton_kernels, "INT32_MAX", 3000 + 2 * 1024 - 1)
     assert triton_kernels.plan_launch(6000, 3000, 4, True).constexprs["WIDE_ROWS"]
-    _native_ops_match_triton_ops(make_input((2, 3000), torch.float32), 1)
-
-
-def _multiply_high_divide(n: int, magic: int, shift: int) -> int:
-    # The kernels' arithmetic on uint32.
-    magic %= 2**32
-    return ((n * magic >> 32) + n) % 2**32 >> shift
-
-
-@pytest.mark.parametrize(
-    "inner", [1, 2, 3, 7, 24, 37, 64, 100, 255, 256, 1000, 2**20 + 1, 2**31 - 4097]
-)
-def test_row_divider_divides_exactly(inner):
-    magic, shift = triton_kernels.row_divider(inner)
-    assert -(2**31) <= magic < 2**31  # passed as an int32
-    gen = torch.Generator().manual_seed(inner)
-    samples = torch.randint(0, 2**31, (2000,), generator=gen).tolist()
-    edges = [0, 1, inner - 1, inner, inner + 1, 2 * inner - 1, 2 * inner, 2**31 - 1]
-    for n in [*range(0, 5 * inner, max(1, inner // 50)), *samples, *edges]:
-        if 0 <= n < 2**31:
-            assert _multiply_high_divide(n, magic, shift) == n // inner, n
-
-
-@pytest.mark.parametrize(
-    ("numel", "inner", "element_size", "aligned", "vectors", "wide", "grid"),
-    [
-        (4096, 64, 4, True, True, False, 4),
-        (4096, 64, 4, False, False, False, 4),  # a pointer off 16 bytes
-        (37 * 6, 6, 4, True, False, False, 1),  # rows of 6 floats: not whole vectors
-        (8 * 3, 8, 2, True, True, False, 1),
-        (2 * 12, 12, 2, True, False, False, 1),  # 8 halves per vector
-        (1, 1, 8, True, False, False, 1),
-        # The last rows whose columns, plus two programs, fit in int32; then wider.
-        (2 * (2**31 - 2052), 2**31 - 2052, 4, True, True, False, 2**22 - 4),
-        (2 * (2**31 - 2048), 2**31 - 2048, 4, True, True, True, 2**22 - 4),
-        (3 * 2**33, 2**33, 2, True, True, True, 3 * 2**22),
-    ],
-)
-def test_plan_launch(numel, inner, element_size, aligned, vectors, wide, grid):
-    plan = triton_kernels.plan_launch(numel, inner, element_size, aligned)
-    assert plan.grid == (grid,)
-    assert plan.constexprs["ALIGNED"] == vectors
-    assert plan.constexprs["WIDE_ROWS"] == wide
-    assert plan.constexprs["BLOCK"] * element_size == 4096
-    assert plan.constexprs["VECTOR"] * element_size == 16
-    if not wide:
-        assert (plan.row_magic, plan.row_shift) == triton_kernels.row_divider(inner)
-
-
-def test_plan_launch_takes_symbolic_sizes():
-    # torch.compile(dynamic=True) traces the launch with symbolic sizes: the
-    # constexprs must come out concrete and the divider must stay exact.
-    from torch._dynamo.source import ConstantSource
-    from torch.fx.experimental.symbolic_shapes import ShapeEnv
-
-    env = ShapeEnv()
-
-    def symbolic(value, name):
-        return env.create_symintnode(env.create_symbol(value, ConstantSource(name)), hint=value)
-
-    plan = triton_kernels.plan_launch(symbolic(4800, "numel"), symbolic(200, "inner"), 4, True)
-    expected = triton_kernels.plan_launch(4800, 200, 4, True)
-    assert plan.constexprs == expected.constexprs
-    assert all(type(value) in (bool, int) for value in plan.constexprs.values())
-    assert (int(plan.grid[0]), int(plan.row_magic), plan.row_shift) == (
-        expected.grid[0],
-        expected.row_magic,
-        expected.row_shift,
-    )
-
-
-def _codegen_check():
-    pytest.importorskip("triton")
-    path = Path(__file__).parents[2] / "tools" / "codegen_check.py"
-    spec = importlib.util.spec_from_file_location("codegen_check", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_codegen_check_reports_what_the_old_kernels_did():
-    # Scalar accesses, a division per element and a spill, in PTX as Triton writes it.
-    check = _codegen_check()
-    ptx = """
-        ld.global.v4.b32 { %r1, %r2, %r3, %r4 }, [ %rd1 + 0 ];
-        @%p1 ld.global.b32 { %r5 }, [ %rd2 + 0 ];
-        @!%p2 st.global.L1::evict_first.v2.b64 [ %rd3 + 0 ], { %rd4, %rd5 };
-        rem.s64 	%rd6, %rd7, %rd8;
-        rem.s64 	%rd9, %rd10, %rd8;
-        st.local.b32 	[%rd11], %r1;
-    """
-    counts = check.count(ptx, "")
-    assert check.global_accesses(counts.ptx) == {
-        "ld": Counter({128: 1, 32: 1}),
-        "st": Counter({128: 1}),
-    }
-    assert check.divisions(counts.ptx, 64) == 2
-    forward = check.KERNELS[0]
-    plan = triton_kernels.plan_launch(4096, 64, 4, True)
-    assert check.violations(forward, torch.float32, "aligned", plan, counts) == [
-        "divides per element (more than the program's one 64-bit div/rem)",
-        "uses local memory",
-        "ld.global: 1 128-bit accesses, expected 2",
-        "ld.global: 1 narrower than 128 bits",
-        "st.global: 1 128-bit accesses, expected 4",
-    ]
+    _native_ops_match_triton_ops(make_input((2, 3000), torch.float32, triton_and_native_cpu), 1)
