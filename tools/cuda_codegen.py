@@ -123,7 +123,7 @@ def readable_names(kernels: list[Kernel]) -> dict[str, str]:
     ).stdout.splitlines()
     readable = {}
     for name, full in zip(names, demangled, strict=True):
-        full = full.replace("crelu_ext::(anonymous namespace)::", "")
+        full = full.replace("crelu_ext::gpu::", "")
         body = re.search(r"crelu_kernel<(\w+<[^<>]*>)", full)
         readable[name] = body.group(1) if body else full
     return readable
