@@ -8,9 +8,10 @@ PYTHON ?= $(VENV)/bin/python
 REQUIREMENTS ?= requirements-dev.txt
 JOBS ?= 2
 CMAKE_BUILD ?= build/cmake
-SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h') setup.py
+CXX_SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.cuh' -o -name '*.h')
+SOURCES := $(CXX_SOURCES) CMakeLists.txt setup.py
 
-.PHONY: test test-oldest bench build cmake-test codegen-check lint format gpu-check gpu-check-dry-run clean
+.PHONY: test test-oldest bench build cmake-test release-check codegen-check lint format gpu-check gpu-check-dry-run clean
 
 $(VENV)/.installed: $(REQUIREMENTS) requirements-test.txt
 	python3 -m venv $(VENV)
@@ -18,13 +19,14 @@ $(VENV)/.installed: $(REQUIREMENTS) requirements-test.txt
 	$(PYTHON) -m pip install --quiet -r $(REQUIREMENTS)
 	touch $@
 
-# The extension, CUDA included when nvcc and a CUDA torch are there (see setup.py).
-# It is built in place, against one venv's torch: the stamp names that venv,
-# so switching venvs rebuilds.
+# The extension, CUDA included when nvcc and a CUDA torch are there (see
+# setup.py), with the CUDA kernels' host emulator that the tests run
+# (CRELU_EXT_TESTING=1). It is built in place, against one venv's torch: the
+# stamp names that venv, so switching venvs rebuilds.
 BUILT := build/.built-$(subst /,_,$(abspath $(VENV)))
 $(BUILT): $(VENV)/.installed $(SOURCES)
 	rm -f build/.built-*
-	MAX_JOBS=$(JOBS) $(PYTHON) -m pip install --quiet --no-build-isolation -e .
+	CRELU_EXT_TESTING=1 MAX_JOBS=$(JOBS) $(PYTHON) -m pip install --quiet --no-build-isolation -e .
 	mkdir -p build && touch $@
 
 build: $(BUILT)
@@ -70,21 +72,28 @@ gpu-check-dry-run: $(BUILT)
 codegen-check: $(BUILT)
 	$(PYTHON) tools/codegen_check.py
 
-# The same csrc/ built by CMake as a libtorch op library, and its C++ test.
+# The plain CMake build, as libtorch users make it: the op library, the Python
+# module and the C++ tests, run by ctest.
 cmake-test: $(VENV)/.installed
 	cmake -S . -B $(CMAKE_BUILD) -G Ninja -DPython3_EXECUTABLE=$(abspath $(PYTHON))
 	cmake --build $(CMAKE_BUILD) -j $(JOBS)
 	ctest --test-dir $(CMAKE_BUILD) --output-on-failure
 
+# A release wheel (no emulator; CPU kernels only, to keep it quick) built from
+# an sdist of the checkout, installed in a fresh venv and imported from outside
+# the checkout: torch is its only dependency and no test op is registered.
+release-check: $(VENV)/.installed
+	PYTHON=$(abspath $(PYTHON)) JOBS=$(JOBS) bash tools/release_check.sh
+
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/clang-format --dry-run --Werror $(filter-out setup.py,$(SOURCES)) tests/cpp/*.cpp tests/cpp/*.h
+	$(VENV)/bin/clang-format --dry-run --Werror $(CXX_SOURCES) tests/cpp/*.cpp tests/cpp/*.h
 
 format: $(VENV)/.installed
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
-	$(VENV)/bin/clang-format -i $(filter-out setup.py,$(SOURCES)) tests/cpp/*.cpp tests/cpp/*.h
+	$(VENV)/bin/clang-format -i $(CXX_SOURCES) tests/cpp/*.cpp tests/cpp/*.h
 
 clean:
-	rm -rf build crelu_ext/_C*.so *.egg-info
+	rm -rf build crelu_ext/_C*.so crelu_ext/libcrelu_ext_*.so crelu_ext/testing/libcrelu_ext_*.so *.egg-info

@@ -1,57 +1,81 @@
-"""Builds crelu_ext._C: the CPU kernels always, the CUDA kernels when a CUDA
-toolkit and a CUDA build of torch are present (CRELU_EXT_CUDA=0/1 forces the
-choice). MAX_JOBS limits the parallel compile jobs, as for any torch extension.
+"""Builds crelu_ext's compiled part with CMake (CMakeLists.txt holds every
+source list, flag and discovery rule): the op library libcrelu_ext_ops.so and
+the Python module crelu_ext._C next to it in the package, and with
+CRELU_EXT_TESTING=1 the CUDA kernels' host emulator (crelu_ext/testing/).
+
+CRELU_EXT_CUDA=0/1 forces the CUDA kernels off/on (default: built when a CUDA
+toolkit and a CUDA build of torch are present). MAX_JOBS limits the parallel
+compile jobs, as for any torch extension.
 
 Built without isolation (against the torch it will run with), so the
-build-system requirements in pyproject.toml are not installed for it: the
-versions of setuptools and torch are checked here instead.
+build-system requirements in pyproject.toml are not installed for it: they are
+checked here instead.
 """
 
-import glob
+import hashlib
 import os
-import platform
+import re
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
+try:
+    from packaging.version import Version
+except ImportError:
+    sys.exit("crelu_ext needs the packaging module to build: pip install packaging")
 import setuptools
-from setuptools import setup
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).parent.resolve()
-DEFAULT_CUDA_ARCH_LIST = "8.0;9.0+PTX"
 # Keep in step with pyproject.toml (build-system.requires, dependencies).
-MIN_SETUPTOOLS = (64,)
-MIN_TORCH = (2, 11)
+MIN_SETUPTOOLS = Version("64")
+MIN_TORCH = Version("2.11")
+MIN_CMAKE = Version("3.22")
+SETUPTOOLS_WITH_BDIST_WHEEL = Version("70.1")  # before it, the wheel package's
+SETUPTOOLS_WITH_PEP639 = Version("77")
 LICENSE = "BSD-3-Clause"
-# Compiled once per CPU capability with ATen's flags for it; see the file.
-CPU_KERNEL = "csrc/cpu/crelu_kernel.cpp"
-CPU_CAPABILITY_FLAGS = {"DEFAULT": []}
-if platform.machine().lower() in ("x86_64", "amd64"):
-    CPU_CAPABILITY_FLAGS["AVX2"] = ["-mavx2", "-mfma", "-mf16c"]
-    CPU_CAPABILITY_FLAGS["AVX512"] = [
-        "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c",
-    ]  # fmt: skip
+SETUPTOOLS = Version(setuptools.__version__)
 
 
-def release(version: str) -> tuple[int, ...]:
-    """(2, 11, 0) from "2.11.0+cu130"."""
-    parts = []
-    for part in version.split("+")[0].split("."):
-        if not part.isdigit():
-            break
-        parts.append(int(part))
-    return tuple(parts)
+def find_cmake() -> str:
+    """The cmake to build with: the pip package's, else the one on PATH."""
+    try:
+        import cmake
+
+        candidate = os.path.join(cmake.CMAKE_BIN_DIR, "cmake")
+        if os.path.exists(candidate):
+            return candidate
+    except ImportError:
+        pass
+    found = shutil.which("cmake")
+    if found is None:
+        sys.exit(f"crelu_ext builds with CMake>={MIN_CMAKE}, found none: pip install cmake")
+    return found
 
 
-def check_build_requirements():
+def find_ninja() -> str | None:
+    try:
+        import ninja
+
+        candidate = os.path.join(ninja.BIN_DIR, "ninja")
+        if os.path.exists(candidate):
+            return candidate
+    except ImportError:
+        pass
+    return shutil.which("ninja")
+
+
+def check_build_requirements(cmake: str) -> None:
     """Fails early, naming the fix, where pip's no-isolation build would fail
     later and less clearly."""
-    if release(setuptools.__version__) < MIN_SETUPTOOLS:
+    if SETUPTOOLS < MIN_SETUPTOOLS:
         sys.exit(
-            f"crelu_ext needs setuptools>={'.'.join(map(str, MIN_SETUPTOOLS))} to build, "
+            f"crelu_ext needs setuptools>={MIN_SETUPTOOLS} to build, "
             f"found {setuptools.__version__}: pip install -U setuptools"
         )
-    if release(setuptools.__version__) < (70, 1):
+    if SETUPTOOLS < SETUPTOOLS_WITH_BDIST_WHEEL:
         try:
             import wheel  # noqa: F401  (setuptools gained its own bdist_wheel in 70.1)
         except ImportError:
@@ -66,141 +90,88 @@ def check_build_requirements():
             "crelu_ext compiles against the torch it will run with: install torch first "
             "(pip install torch), then pip install --no-build-isolation ."
         )
-    if release(torch.__version__) < MIN_TORCH:
+    if Version(torch.__version__).release < MIN_TORCH.release:
+        sys.exit(f"crelu_ext needs torch>={MIN_TORCH}, found {torch.__version__}")
+    output = subprocess.run([cmake, "--version"], capture_output=True, text=True).stdout
+    found = re.search(r"version (\d+(\.\d+)*)", output)
+    if found is None or Version(found.group(1)) < MIN_CMAKE:
         sys.exit(
-            f"crelu_ext needs torch>={'.'.join(map(str, MIN_TORCH))}, found {torch.__version__}"
+            f"crelu_ext builds with CMake>={MIN_CMAKE}, {cmake} is "
+            f"{found.group(1) if found else 'not working'}: pip install cmake"
         )
 
 
 def license_metadata():
     """The license, in the form this setuptools takes: an SPDX expression from
     77 on (PEP 639), the older License field before (a fresh venv has 65.5)."""
-    if release(setuptools.__version__) >= (77,):
+    if SETUPTOOLS >= SETUPTOOLS_WITH_PEP639:
         return {"license_expression": LICENSE}
     return {"license": LICENSE}
 
 
-def find_cuda_home():
-    """The toolkit root. It must be set before torch.utils.cpp_extension is
-    imported, which otherwise derives it from the `nvcc` on PATH: here that is
-    a wrapper in /usr/local/bin, and /usr/local is no toolkit."""
-    for var in ("CUDA_HOME", "CUDA_PATH"):
-        if os.environ.get(var):
-            return os.environ[var]
-    candidates = []
-    nvcc = shutil.which("nvcc")
-    if nvcc:
-        candidates.append(Path(os.path.realpath(nvcc)).parent.parent)
-    candidates.append(Path("/usr/local/cuda"))
-    for home in candidates:
-        if (home / "bin" / "nvcc").exists() and (home / "include" / "cuda_runtime.h").exists():
-            return str(home)
-    return None
+def env_switch(name: str, on: str, off: str, unset: str) -> str:
+    value = os.environ.get(name)
+    if value is None:
+        return unset
+    if value not in ("0", "1"):
+        sys.exit(f"{name} must be 0 or 1, got {value!r}")
+    return on if value == "1" else off
 
 
-def wants_cuda(cuda_home):
-    import torch
+class CMakeBuild(build_ext):
+    """Configures, builds and installs CMakeLists.txt's `python` component
+    into the folder that holds the crelu_ext package: the source tree for an
+    editable install, build_lib for a wheel."""
 
-    forced = os.environ.get("CRELU_EXT_CUDA")
-    if forced is not None:
-        if forced not in ("0", "1"):
-            sys.exit(f"CRELU_EXT_CUDA must be 0 or 1, got {forced!r}")
-        if forced == "1" and (cuda_home is None or torch.version.cuda is None):
-            sys.exit(
-                "CRELU_EXT_CUDA=1, but "
-                + (
-                    "no CUDA toolkit was found (set CUDA_HOME)"
-                    if cuda_home is None
-                    else "this torch is a CPU-only build"
-                )
-            )
-        return forced == "1"
-    return cuda_home is not None and torch.version.cuda is not None
+    def run(self):
+        import torch.utils
 
-
-def pip_cuda_include_dirs():
-    """Headers that ATen's CUDA headers need but that the pip `nvidia-*`
-    packages hold rather than the toolkit (cusparse.h is in nvidia/cu13/include)."""
-    import importlib.util
-
-    spec = importlib.util.find_spec("nvidia")
-    if spec is None:
-        return []
-    dirs = []
-    for base in spec.submodule_search_locations:
-        dirs += sorted(glob.glob(os.path.join(base, "*", "include")))
-    return [d for d in dirs if os.path.exists(os.path.join(d, "cusparse.h"))]
-
-
-def extension():
-    cuda_home = find_cuda_home()
-    if cuda_home:
-        os.environ["CUDA_HOME"] = cuda_home
-    from torch.utils.cpp_extension import CppExtension, CUDAExtension
-
-    with_cuda = wants_cuda(cuda_home)
-    sources = sorted(
-        str(p.relative_to(ROOT)) for p in (ROOT / "csrc").rglob("*.cpp") if p != ROOT / CPU_KERNEL
-    )
-    # The stable ABI needs only PyInit__C, so one wheel serves every Python >= 3.9.
-    define_macros = [("Py_LIMITED_API", "0x03090000")]
-    # ATen's parallel_for runs its OpenMP loop only in code built with -fopenmp;
-    # without it every kernel silently runs on one thread.
-    extra_compile_args = {"cxx": ["-O3", "-fopenmp", "-fdiagnostics-color=always"]}
-    extra_link_args = ["-fopenmp"]
-    if not with_cuda:
-        return CppExtension(
-            "crelu_ext._C",
-            sources,
-            define_macros=define_macros,
-            extra_compile_args=extra_compile_args,
-            extra_link_args=extra_link_args,
-            py_limited_api=True,
+        cmake = find_cmake()
+        check_build_requirements(cmake)
+        # Kept between builds (editable installs build in a fresh temporary
+        # folder otherwise), one per Python and torch: CMake caches what it
+        # found for them.
+        key = hashlib.sha256(f"{sys.executable}\n{torch.__file__}".encode()).hexdigest()[:12]
+        build_dir = ROOT / "build" / f"cmake-{sys.implementation.cache_tag}-{key}"
+        build_dir.mkdir(parents=True, exist_ok=True)
+        editable = self.inplace or getattr(self, "editable_mode", False)
+        prefix = ROOT if editable else Path(self.build_lib).resolve()
+        configure = [
+            cmake,
+            "-S",
+            str(ROOT),
+            "-B",
+            str(build_dir),
+            "-DCMAKE_BUILD_TYPE=Release",
+            f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}",
+            f"-DPython3_EXECUTABLE={sys.executable}",
+            f"-DCRELU_EXT_CUDA={env_switch('CRELU_EXT_CUDA', 'ON', 'OFF', 'AUTO')}",
+            f"-DCRELU_EXT_TESTING={env_switch('CRELU_EXT_TESTING', 'ON', 'OFF', 'OFF')}",
+            "-DCRELU_EXT_PYTHON=ON",
+            "-DBUILD_TESTING=OFF",
+        ]
+        ninja = find_ninja()
+        if ninja is not None and not (build_dir / "CMakeCache.txt").exists():
+            configure += ["-G", "Ninja", f"-DCMAKE_MAKE_PROGRAM={ninja}"]
+        jobs = os.environ.get("MAX_JOBS") or str(os.cpu_count() or 1)
+        subprocess.run(configure, check=True)
+        subprocess.run([cmake, "--build", str(build_dir), "-j", jobs], check=True)
+        # What an older build left there (the emulator of a test build, say).
+        package = prefix / "crelu_ext"
+        for stale in [*package.glob("_C.*"), *package.glob("**/libcrelu_ext_*.so")]:
+            stale.unlink()
+        subprocess.run(
+            [cmake, "--install", str(build_dir), "--component", "python", "--prefix", str(prefix)],
+            check=True,
         )
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCH_LIST)
-    sources += sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "cuda").glob("*.cu"))
-    extra_compile_args["nvcc"] = ["-O3", "--expt-relaxed-constexpr"]
-    return CUDAExtension(
-        "crelu_ext._C",
-        sources,
-        include_dirs=pip_cuda_include_dirs(),
-        define_macros=define_macros,
-        extra_compile_args=extra_compile_args,
-        extra_link_args=extra_link_args,
-        py_limited_api=True,
-    )
-
-
-def build_ext_class():
-    from torch.utils.cpp_extension import BuildExtension
-
-    class BuildExtensionPerCpuCapability(BuildExtension):
-        """torch's BuildExtension, plus the CPU kernel compiled once per
-        capability: setuptools has no per-file flags, so those objects are
-        compiled here, with the extension's own flags and the capability's."""
-
-        def build_extension(self, ext):
-            for capability, isa_flags in CPU_CAPABILITY_FLAGS.items():
-                ext.extra_objects += self.compiler.compile(
-                    [CPU_KERNEL],
-                    output_dir=os.path.join(self.build_temp, capability.lower()),
-                    macros=[*ext.define_macros, ("CPU_CAPABILITY", capability),
-                            (f"CPU_CAPABILITY_{capability}", None)],
-                    include_dirs=ext.include_dirs,
-                    extra_postargs=ext.extra_compile_args["cxx"] + isa_flags,
-                )  # fmt: skip
-            super().build_extension(ext)
-
-    return BuildExtensionPerCpuCapability.with_options(use_ninja=True)
 
 
 def main():
-    check_build_requirements()
     setup(
         **license_metadata(),
-        ext_modules=[extension()],
-        cmdclass={"build_ext": build_ext_class()},
-        options={"bdist_wheel": {"py_limited_api": "cp39"}},
+        # What CMake builds; setuptools only learns that the wheel is per platform.
+        ext_modules=[Extension("crelu_ext._C", sources=[])],
+        cmdclass={"build_ext": CMakeBuild},
     )
 
 

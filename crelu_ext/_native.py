@@ -1,6 +1,7 @@
-"""The native ops (csrc/): their fake kernels and batching rules (_vmap.py),
-registered on the schemas that csrc/ops.cpp defines; autograd is registered in
-C++ (csrc/autograd.cpp)."""
+"""The native ops (csrc/): the compiled library, loaded with the Python module
+crelu_ext._C, and their fake kernels and batching rules (_vmap.py), registered on
+the schemas that csrc/ops.cpp defines; autograd is registered in C++
+(csrc/autograd.cpp)."""
 
 import importlib
 import sys
@@ -19,8 +20,9 @@ from ._vmap import register_vmap_rules
 PACKAGE_DIR = Path(__file__).resolve().parent
 
 try:
-    # Loading it registers torch.ops.crelu_ext.*.
-    importlib.import_module(f"{__package__}._C")
+    # Loading it loads the op library next to it (libcrelu_ext_ops.so), whose
+    # registrations make torch.ops.crelu_ext.*.
+    _C = importlib.import_module(f"{__package__}._C")
 except ImportError as error:  # no compiled part: only the reference backend
     NATIVE_IMPORT_ERROR: ImportError | None = error
 else:
@@ -74,8 +76,13 @@ def native_available(device: torch.device) -> bool:
 
 def crelu(x: torch.Tensor, dim: int) -> torch.Tensor:
     """The native forward. The op checks its input and, under autograd, writes
-    the mask that the backward needs (csrc/autograd.cpp)."""
+    the mask that the backward needs (csrc/autograd.cpp). In eager mode it is
+    called through _C.crelu, which skips torch.ops' per-call argument parsing;
+    tracers (torch.compile, torch.export, fx) and tensor subclasses get the
+    torch.ops call, which they can see."""
     try:
+        if not torch.compiler.is_compiling() and type(x) is torch.Tensor and type(dim) is int:
+            return _C.crelu(x, dim)
         return torch.ops.crelu_ext.crelu.default(x, dim, False)[0]
     except (TypeError, RuntimeError):
         # The Python API's message for a non-tensor, a non-int dim or a dtype.

@@ -1,5 +1,7 @@
 // Shared contract of the fused CReLU kernels: the layout plan, the packed sign
-// mask and the element-wise math. Every backend (CPU, CUDA, Triton) follows it.
+// mask and the element-wise math. Every backend (CPU, CUDA, Triton) follows it;
+// this is the header installed for libtorch users (the ops' internals are in
+// ops.h).
 //
 //   crelu(x, dim) = cat([relu(x), relu(-x)], dim)
 //
@@ -20,10 +22,8 @@
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <c10/macros/Macros.h>
-#include <torch/library.h>
 
 #include <cstdint>
-#include <string>
 
 namespace crelu_ext {
 
@@ -97,68 +97,5 @@ C10_HOST_DEVICE inline acc_t crelu_grad_grad_neg(acc_t g, bool neg) {
 // The memory format of cat([relu(x), relu(-x)]): the output's, and the one
 // crelu_backward and crelu_backward_backward are given for x's gradient.
 at::MemoryFormat output_memory_format(const at::Tensor& x);
-
-// ---- the ops, shared by every device (ops.cpp) ----
-// They check the inputs, plan the layout, allocate the outputs with the
-// strides torch.cat gives and call the device's kernel on dense inputs.
-
-using ForwardKernel = void (*)(const at::Tensor& x, const LayoutPlan& plan,
-                               at::Tensor& out, at::Tensor& mask);
-using MaskedKernel = void (*)(const at::Tensor& input, const at::Tensor& mask,
-                              const LayoutPlan& plan, at::Tensor& out);
-
-std::tuple<at::Tensor, at::Tensor> crelu_forward_impl(ForwardKernel kernel,
-                                                      const at::Tensor& x,
-                                                      int64_t dim,
-                                                      bool save_mask);
-at::Tensor crelu_backward_impl(MaskedKernel kernel, const at::Tensor& grad_out,
-                               const at::Tensor& mask, int64_t dim,
-                               at::MemoryFormat memory_format);
-at::Tensor crelu_backward_backward_impl(MaskedKernel kernel,
-                                        const at::Tensor& grad_grad_x,
-                                        const at::Tensor& mask, int64_t dim,
-                                        at::MemoryFormat memory_format);
-
-// Registers a device's kernels as its implementations of the three ops, e.g.
-// register_kernels<crelu_forward_cpu, ...>(m) in TORCH_LIBRARY_IMPL(..., CPU,
-// m). A prefix names another set of ops with the same schemas (the CUDA
-// kernels' host emulation registers "emulated_crelu", ...).
-template <ForwardKernel kForward, MaskedKernel kBackward,
-          MaskedKernel kBackwardBackward>
-void register_kernels(torch::Library& m, const std::string& prefix = "") {
-  m.impl((prefix + "crelu").c_str(),
-         [](const at::Tensor& x, int64_t dim, bool save_mask) {
-           return crelu_forward_impl(kForward, x, dim, save_mask);
-         });
-  m.impl((prefix + "crelu_backward").c_str(),
-         [](const at::Tensor& grad_out, const at::Tensor& mask, int64_t dim,
-            at::MemoryFormat memory_format) {
-           return crelu_backward_impl(kBackward, grad_out, mask, dim,
-                                      memory_format);
-         });
-  m.impl((prefix + "crelu_backward_backward").c_str(),
-         [](const at::Tensor& grad_grad_x, const at::Tensor& mask, int64_t dim,
-            at::MemoryFormat memory_format) {
-           return crelu_backward_backward_impl(kBackwardBackward, grad_grad_x,
-                                               mask, dim, memory_format);
-         });
-}
-
-// ---- device kernels; inputs are dense in the plan's memory order ----
-// out: [outer, 2, inner]. mask: mask_bytes(outer * inner) bytes, or an
-// undefined tensor when autograd does not need it.
-void crelu_forward_cpu(const at::Tensor& x, const LayoutPlan& plan,
-                       at::Tensor& out, at::Tensor& mask);
-// grad_out: [outer, 2, inner] -> grad_x: [outer, inner]
-void crelu_backward_cpu(const at::Tensor& grad_out, const at::Tensor& mask,
-                        const LayoutPlan& plan, at::Tensor& grad_x);
-// The adjoint of the backward, used for double backward:
-// grad_x: [outer, inner] -> out: [outer, 2, inner],
-// out[o][0][r] = (pos ? g : 0) + 0, out[o][1][r] = (neg ? -g : 0) + 0.
-// The "+ 0" is autograd's: it sums the two halves' zero-padded gradients,
-// which turns -0 into +0.
-void crelu_backward_backward_cpu(const at::Tensor& grad_grad_x,
-                                 const at::Tensor& mask, const LayoutPlan& plan,
-                                 at::Tensor& out);
 
 }  // namespace crelu_ext

@@ -1,6 +1,9 @@
-// The crelu_ext ops: schemas, input checks, the layout plan and the CPU
-// registrations. The CUDA registrations are in cuda/crelu_cuda.cu, autograd in
-// autograd.cpp; the fake kernels are registered from Python (crelu_ext/ops.py).
+// The crelu_ext ops: schemas, input checks and the layout plan. Each device's
+// file registers its kernels (cpu/crelu_cpu.cpp, cuda/crelu_cuda.cu), autograd
+// is in autograd.cpp; the fake kernels are registered from Python
+// (crelu_ext/_native.py).
+#include "ops.h"
+
 #include <ATen/ExpandUtils.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -8,8 +11,6 @@
 #include <torch/library.h>
 
 #include <vector>
-
-#include "crelu.h"
 
 namespace crelu_ext {
 
@@ -221,11 +222,6 @@ TORCH_LIBRARY(crelu_ext, m) {
       "crelu_backward_backward(Tensor grad_grad_x, Tensor mask, int dim, "
       "MemoryFormat memory_format) -> Tensor",
       tags);
-}
-
-TORCH_LIBRARY_IMPL(crelu_ext, CPU, m) {
-  register_kernels<crelu_forward_cpu, crelu_backward_cpu,
-                   crelu_backward_backward_cpu>(m);
 }
 
 }  // namespace crelu_ext

@@ -13,8 +13,8 @@ the PTX and the SASS:
 - no local memory (spills or stack).
 
 It prints the instruction counts per thread and exits non-zero on a
-violation. When tools/cuda_codegen.py exists and crelu_ext._C has CUDA
-kernels, their SASS check runs too.
+violation. When tools/cuda_codegen.py exists and crelu_ext's op library has
+CUDA kernels, their SASS check runs too.
 
     python tools/codegen_check.py [--arch 90 80]
 """
@@ -178,7 +178,7 @@ def cuda_violations() -> list[str]:
         print("CUDA SASS check: skipped, tools/cuda_codegen.py is not there")
         return []
     if "cuda" not in ops.NATIVE_DEVICE_TYPES:
-        print("CUDA SASS check: skipped, crelu_ext._C was built without CUDA")
+        print("CUDA SASS check: skipped, crelu_ext was built without CUDA")
         return []
     spec = importlib.util.spec_from_file_location("cuda_codegen", script)
     module = importlib.util.module_from_spec(spec)

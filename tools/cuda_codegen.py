@@ -3,13 +3,13 @@
 For every architecture whose SASS the built extension holds, with the
 ``cuobjdump`` that ships in Triton's wheel:
 - every vectorized kernel (``VectorAccess`` in its name, see
-  csrc/cuda/crelu_cuda.cu) has 128-bit global loads and stores
+  csrc/cuda/crelu_kernels.cuh) has 128-bit global loads and stores
   (``LDG.E.128``, ``STG.E.128``);
 - no kernel uses local memory (``LOCAL``/``STACK`` in ``-res-usage``, or
   ``LDL``/``STL`` instructions): a spill in a bandwidth-bound kernel.
 It prints each kernel's registers.
 
-    python tools/cuda_codegen.py [path/to/_C.abi3.so]   # exits 1 on violations
+    python tools/cuda_codegen.py [path/to/libcrelu_ext_ops.so]   # exits 1 on violations
 
 Other scripts call ``check(so_path=None) -> list[str]`` (the violations; it
 prints the table too).
@@ -65,10 +65,12 @@ def find_cuobjdump() -> str:
 
 
 def find_extension() -> str:
-    spec = importlib.util.find_spec("crelu_ext._C")
-    if spec is None or spec.origin is None:
-        raise FileNotFoundError("cuda_codegen: crelu_ext._C is not built")
-    return spec.origin
+    """The op library, which holds the CUDA kernels."""
+    spec = importlib.util.find_spec("crelu_ext")
+    library = Path(spec.origin).parent / "libcrelu_ext_ops.so" if spec and spec.origin else None
+    if library is None or not library.exists():
+        raise FileNotFoundError("cuda_codegen: crelu_ext's op library is not built")
+    return str(library)
 
 
 def by_arch(cuobjdump: str, flag: str, so_path: str):
@@ -123,7 +125,7 @@ def readable_names(kernels: list[Kernel]) -> dict[str, str]:
     ).stdout.splitlines()
     readable = {}
     for name, full in zip(names, demangled, strict=True):
-        full = full.replace("crelu_ext::(anonymous namespace)::", "")
+        full = full.replace("crelu_ext::gpu::", "")
         body = re.search(r"crelu_kernel<(\w+<[^<>]*>)", full)
         readable[name] = body.group(1) if body else full
     return readable
@@ -142,7 +144,7 @@ def print_table(kernels: list[Kernel]) -> None:
 
 def check(so_path: str | None = None) -> list[str]:
     """The machine-code violations of the CUDA kernels in ``so_path`` (default:
-    the importable crelu_ext._C); prints a table of the kernels first."""
+    the importable crelu_ext's libcrelu_ext_ops.so); prints a table of the kernels first."""
     so_path = so_path or find_extension()
     kernels = read_kernels(so_path)
     if not kernels:

@@ -1,14 +1,19 @@
-"""The CUDA kernels run on the host, for tests: a private backend (SPEC section 2).
+"""The CUDA kernels run on the host, for tests: the private backends
+``emulated`` and ``emulated64``.
 
-csrc/cuda/crelu_cuda.cu compiles each kernel's per-thread body for host and
-device. Its grid emulator runs, on CPU tensors, the launch the GPU would get
-(same vectorized-or-scalar choice, offset width and block count, for a GPU of
-132 SMs), one (block, thread) after another, and registers the result as the
-ops ``crelu_ext::emulated_crelu``, ``emulated_crelu_backward`` and
-``emulated_crelu_backward_backward``; the ``emulated64_`` ops force 64-bit
-offsets. They are there whenever the package was built with its CUDA sources,
-and need no GPU.
+csrc/cuda/crelu_kernels.cuh compiles each kernel's per-thread body for host and
+device. The grid emulator (csrc/testing/crelu_emulator.cu) runs, on CPU
+tensors, the launch the GPU would get (same vectorized-or-scalar choice, offset
+width and block count, for a GPU of 132 SMs), one (block, thread) after
+another, and registers the result as the ops ``crelu_ext::emulated_crelu``,
+``emulated_crelu_backward`` and ``emulated_crelu_backward_backward``; the
+``emulated64_`` ops force 64-bit offsets. They live in a library of their own,
+which only a test build makes (``CRELU_EXT_TESTING=1``; it needs the CUDA
+toolkit, no GPU): a release build registers no such op.
 """
+
+import functools
+from pathlib import Path
 
 import torch
 
@@ -16,20 +21,32 @@ from .. import _native
 from .._autograd import call_forward, register_crelu_autograd
 from .._layout import check_input
 from .._vmap import register_vmap_rules
+from ..functional import register_backend
+
+LIBRARY = Path(__file__).resolve().with_name("libcrelu_ext_emulator.so")
 
 # Op name prefix by index_bits: None keeps the launcher's choice.
 OP_PREFIXES = {None: "emulated_", 64: "emulated64_"}
 
 
-def _unavailable_reason() -> str | None:
+def _load() -> str | None:
+    """Loads the emulator's library; the reason it is unavailable, if it is."""
     if _native.NATIVE_IMPORT_ERROR is not None:
         return f"the compiled extension did not load: {_native.NATIVE_IMPORT_ERROR}"
-    if not hasattr(torch.ops.crelu_ext, "emulated_crelu"):
-        return "the compiled extension was built without its CUDA sources"
+    if not LIBRARY.exists():
+        return (
+            f"this build of crelu_ext has no emulator ({LIBRARY} is missing): it is a test "
+            "build's, made with CRELU_EXT_TESTING=1 and the CUDA toolkit (no GPU needed), "
+            "e.g. CRELU_EXT_TESTING=1 pip install --no-build-isolation -e ."
+        )
+    try:
+        torch.ops.load_library(str(LIBRARY))
+    except OSError as error:
+        return f"{LIBRARY} did not load: {error}"
     return None
 
 
-UNAVAILABLE_REASON = _unavailable_reason()
+UNAVAILABLE_REASON = _load()
 AVAILABLE = UNAVAILABLE_REASON is None
 
 
@@ -62,14 +79,11 @@ def _register() -> None:
         register_vmap_rules(*names)
 
 
+def _on_cpu(device: torch.device) -> bool:
+    return device.type == "cpu"
+
+
 if AVAILABLE:
     _register()
-
-
-if AVAILABLE:
-    from functools import partial
-
-    from ..functional import register_backend
-
-    for _name, _bits in (("emulated", None), ("emulated64", 64)):
-        register_backend(_name, partial(crelu, index_bits=_bits), lambda d: d.type == "cpu")
+    register_backend("emulated", functools.partial(crelu, index_bits=None), _on_cpu)
+    register_backend("emulated64", functools.partial(crelu, index_bits=64), _on_cpu)

@@ -1,11 +1,13 @@
-// Picks the CPU kernels built for the best capability ATen uses on this CPU.
-// ATEN_CPU_CAPABILITY=default|avx2|avx512 lowers it, as for ATen's own kernels,
-// which is how the benchmark measures what vectorization buys.
+// The ops' CPU registrations. They run the kernels built for the best
+// capability ATen uses on this CPU. ATEN_CPU_CAPABILITY=default|avx2|avx512
+// lowers it, as for ATen's own kernels, which is how the benchmark measures
+// what vectorization buys.
 #include <ATen/Version.h>
+#include <torch/library.h>
 
 #include <string>
 
-#include "../crelu.h"
+#include "../ops.h"
 
 namespace crelu_ext {
 namespace cpu {
@@ -73,6 +75,11 @@ void crelu_backward_backward_cpu(const at::Tensor& grad_grad_x,
                                  const at::Tensor& mask, const LayoutPlan& plan,
                                  at::Tensor& out) {
   cpu::kernels().backward_backward(grad_grad_x, mask, plan, out);
+}
+
+TORCH_LIBRARY_IMPL(crelu_ext, CPU, m) {
+  register_kernels<crelu_forward_cpu, crelu_backward_cpu,
+                   crelu_backward_backward_cpu>(m);
 }
 
 }  // namespace crelu_ext

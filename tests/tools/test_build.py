@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ import torch
 
 import crelu_ext
 from crelu_ext import _native as ops
+from crelu_ext.testing import emulated
 
 
 @pytest.mark.skipif(
@@ -23,6 +25,34 @@ def test_native_kernels_are_built():
     assert crelu_ext.available_backends("cpu")[0] == "native"
     if torch.cuda.is_available() or os.environ.get("CRELU_EXT_CUDA") == "1":
         assert torch._C._dispatch_has_kernel_for_dispatch_key("crelu_ext::crelu", "CUDA")
+    # The op library lies next to the Python module, which finds it there.
+    assert (ops.PACKAGE_DIR / "libcrelu_ext_ops.so").exists()
+    assert Path(ops._C.__file__).name == "_C" + sysconfig.get_config_var("EXT_SUFFIX")
+
+
+def test_the_op_library_registers_no_test_op():
+    # The emulator's ops come with its own library, which only
+    # crelu_ext.testing.emulated loads.
+    code = """
+import torch, crelu_ext
+assert crelu_ext._native.NATIVE_IMPORT_ERROR is None, crelu_ext._native.NATIVE_IMPORT_ERROR
+for name in ("emulated_crelu", "emulated64_crelu", "emulated_launch_plan"):
+    assert not hasattr(torch.ops.crelu_ext, name), name
+print("ok")
+"""
+    if ops.NATIVE_IMPORT_ERROR is not None:
+        pytest.skip(f"crelu_ext._C is not built: {ops.NATIVE_IMPORT_ERROR}")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok"
+
+
+def test_a_build_without_the_emulator_says_how_to_get_it(monkeypatch, tmp_path):
+    if ops.NATIVE_IMPORT_ERROR is not None:
+        pytest.skip(f"crelu_ext._C is not built: {ops.NATIVE_IMPORT_ERROR}")
+    monkeypatch.setattr(emulated, "LIBRARY", tmp_path / "libcrelu_ext_emulator.so")
+    reason = emulated._load()
+    assert "no emulator" in reason and "CRELU_EXT_TESTING=1" in reason, reason
 
 
 def test_imports_and_falls_back_without_the_compiled_part():
@@ -77,13 +107,15 @@ def run_from_source_copy(tmp_path, installed_build: bool) -> subprocess.Complete
     also installed (further down sys.path)."""
     source = tmp_path / "checkout"
     shutil.copytree(
-        Path(crelu_ext.__file__).parent, source / "crelu_ext", ignore=shutil.ignore_patterns("_C*")
+        Path(crelu_ext.__file__).parent,
+        source / "crelu_ext",
+        ignore=shutil.ignore_patterns("_C*", "libcrelu_ext_*"),
     )
     path = [str(source)]
     if installed_build:
         site = tmp_path / "site-packages" / "crelu_ext"
         site.mkdir(parents=True)
-        (site / "_C.abi3.so").touch()
+        (site / ("_C" + sysconfig.get_config_var("EXT_SUFFIX"))).touch()
         path.append(str(site.parent))
     # An editable install of another checkout (as in a development venv) would
     # lend that checkout's _C to the copy: its import hook is taken out.
