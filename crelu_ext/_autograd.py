@@ -16,7 +16,8 @@ its forward with :func:`call_forward`.
 import torch
 from torch.autograd import forward_ad
 
-from ._layout import check_input, output_memory_format
+from ._checks import check_input
+from ._layout import output_memory_format
 
 # Forward op (packet and default overload) -> its autograd.Function.
 _FUNCTIONS: dict = {}

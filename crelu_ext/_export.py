@@ -21,6 +21,8 @@ import importlib.abc
 import importlib.util
 import sys
 
+import torch
+
 # The forward ops ``(x, dim, save_mask) -> (out, mask)`` of the backends that
 # have compiled or Triton kernels; the reference backend is the composition.
 FORWARD_OPS = ("crelu", "triton_crelu")
@@ -29,6 +31,8 @@ ONNX_OPSET = 11  # from which on Concat takes a negative axis
 
 def exporting() -> bool:
     """Whether torch.onnx.export is tracing a model (torch.onnx is loaded by then)."""
+    if torch.compiler.is_dynamo_compiling():
+        return False  # torch.compile and strict torch.export keep the op
     onnx = sys.modules.get("torch.onnx")
     return onnx is not None and onnx.is_in_onnx_export()
 

@@ -24,7 +24,7 @@ import torch
 import torch.fx
 import torch.nn.functional as F
 
-from ._layout import FLOAT_DTYPES
+from ._checks import FLOAT_DTYPES
 from .functional import crelu
 from .nn import CReLU
 

@@ -1,5 +1,4 @@
 import functools
-import os
 
 import pytest
 import torch
@@ -35,23 +34,14 @@ def _param(backend, device):
 EMULATED_INDEX_BITS = {"emulated": None, "emulated64": 64}
 
 
-def add_test_backend(monkeypatch, name, implementation):
+def add_test_backend(name, implementation):
     """Lets crelu_ext.crelu(x, dim, backend=name), and CReLU(backend=name), run
-    implementation(x, dim) on CPU tensors until the test ends."""
-    backends = crelu_ext.functional
-    available = backends.available_backends
-
-    def with_test_backend(device=None):
-        on_cpu = torch.device("cpu" if device is None else device).type == "cpu"
-        return [*available(device), name] if on_cpu else available(device)
-
-    monkeypatch.setattr(backends, "BACKENDS", (*backends.BACKENDS, name))
-    monkeypatch.setitem(backends._IMPLEMENTATIONS, name, implementation)
-    monkeypatch.setattr(backends, "available_backends", with_test_backend)
+    implementation(x, dim) on CPU tensors."""
+    crelu_ext.register_backend(name, implementation, lambda device: device.type == "cpu")
 
 
 @pytest.fixture(params=[_param(b, d) for b, d in BACKEND_DEVICES])
-def backend_device(request, monkeypatch):
+def backend_device(request):
     backend, device = request.param
     if device == "cuda" and not torch.cuda.is_available():
         pytest.skip("no CUDA device")
@@ -59,9 +49,7 @@ def backend_device(request, monkeypatch):
         if not _emulated.AVAILABLE:
             pytest.skip(f"no emulated CUDA kernels: {_emulated.UNAVAILABLE_REASON}")
         index_bits = EMULATED_INDEX_BITS[backend]
-        add_test_backend(
-            monkeypatch, backend, functools.partial(_emulated.crelu, index_bits=index_bits)
-        )
+        add_test_backend(backend, functools.partial(_emulated.crelu, index_bits=index_bits))
         return backend, device
     if backend not in crelu_ext.available_backends(device):
         pytest.skip(f"{backend} is not available on {device}")
@@ -69,8 +57,7 @@ def backend_device(request, monkeypatch):
 
 
 @pytest.fixture(autouse=True)
-def _no_backend_override(monkeypatch):
-    # Tests choose backends explicitly; an override in the caller's shell would
-    # silently change what "auto" means.
-    if "CRELU_EXT_BACKEND" in os.environ:
-        monkeypatch.delenv("CRELU_EXT_BACKEND")
+def _no_backend_override():
+    # Tests choose backends explicitly; an override in the caller's shell
+    # ($CRELU_EXT_BACKEND) would silently change what "auto" means.
+    crelu_ext.set_default_backend("auto")

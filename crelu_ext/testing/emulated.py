@@ -14,7 +14,7 @@ import torch
 
 from .. import _native
 from .._autograd import call_forward, register_crelu_autograd
-from .._layout import check_input
+from .._checks import check_input
 
 # Op name prefix by index_bits: None keeps the launcher's choice.
 OP_PREFIXES = {None: "emulated_", 64: "emulated64_"}

@@ -30,11 +30,11 @@ import torch
 from torch._subclasses.fake_tensor import is_fake
 
 from .._autograd import call_forward, register_crelu_autograd
+from .._checks import check_input
 from .._layout import (
     allocate_backward,
     allocate_backward_backward,
     allocate_forward,
-    check_input,
     output_memory_format,
     plan_layout,
 )
