@@ -5,9 +5,11 @@ import math
 
 import torch
 
+# Private: torch has no public test for "non-overlapping and dense", and this
+# variant adds no guards on symbolic sizes under torch.compile.
 try:
     from torch._prims_common import is_non_overlapping_and_dense_or_false as _is_dense
-except ImportError:  # torch before 2.13 (the GPU machines have 2.11)
+except ImportError:  # torch before 2.13
     from torch._prims_common import is_non_overlapping_and_dense as _is_dense
 
 MASK_BLOCK = 32  # elements per mask block
@@ -16,6 +18,12 @@ MASK_BLOCK_BYTES = 8  # a uint32 word of "x > 0 or NaN" bits, then one of "x < 0
 
 def mask_bytes(numel):
     return (numel + MASK_BLOCK - 1) // MASK_BLOCK * MASK_BLOCK_BYTES
+
+
+# c10's stride rules, copied: torch.cat on the composition of a meta tensor with
+# x's sizes and strides costs ~10 ms per call (relu's meta kernel is a Python
+# ref), and its strides differ from the CPU's for ambiguous layouts such as
+# sizes (1, 2, 2, 1) with strides (1000, 1, 2, 1000).
 
 
 def _is_channels_last_strides(sizes, strides, order) -> bool:
