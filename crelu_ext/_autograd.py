@@ -40,6 +40,9 @@ def call_forward(forward_op, x: torch.Tensor, dim: int) -> torch.Tensor:
     autograd.Function, which has their rules; otherwise (and under torch.compile,
     which traces the op) the op's own reverse-mode autograd serves."""
     check_input(x, dim)  # errors named after crelu_ext.crelu, not the backend's op
+    # Private reads: torch has no public test for an active forward-AD level or
+    # torch.func transform, and always taking the autograd.Function costs ~90 us
+    # more per call than this ~1 us test (measured).
     if torch.compiler.is_compiling() or (
         forward_ad._current_level < 0 and torch._C._functorch.maybe_current_level() is None
     ):
