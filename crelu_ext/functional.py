@@ -25,6 +25,7 @@ from ._checks import check_input
 ENV_VAR = "CRELU_EXT_BACKEND"
 DEFAULT_DIM = 1  # the channels of NCHW input
 BACKENDS = ("native", "triton", "reference")  # the built-in ones
+AUTO_ORDER = ("native", "triton")  # what "auto" picks, else the reference
 
 
 class Backend(NamedTuple):
@@ -149,9 +150,12 @@ def select_backend(backend: str, device: torch.device) -> str:
             f"{device} device"
         )
     if requested == "auto":
-        if available[0] == "reference" and device.type == "cpu" and _native.NATIVE_IMPORT_ERROR:
+        for name in AUTO_ORDER:
+            if name in available:
+                return name
+        if device.type == "cpu" and _native.NATIVE_IMPORT_ERROR is not None:
             _warn_fallback()
-        return available[0]
+        return "reference"
     if requested not in available:
         raise RuntimeError(
             f"crelu_ext.crelu: {origin} {requested!r} is not available for {device.type} "
@@ -185,8 +189,7 @@ def crelu(x: torch.Tensor, dim: int = 1, backend: str = "auto") -> torch.Tensor:
     ``backend``: ``"auto"`` (native, else triton, else reference; see
     :func:`set_default_backend` and ``$CRELU_EXT_BACKEND``) or the name of one
     in :func:`available_backends`."""
-    # Both ONNX exporters run the model under torch.export or torch.jit's tracer;
-    # these two flags cost far less than asking torch.onnx on every call.
+    # Both ONNX exporters run the model under torch.export or torch.jit's tracer.
     if (torch.compiler.is_exporting() or torch.jit.is_tracing()) and _export.exporting():
         return reference.crelu(x, dim)  # standard ONNX ops, for either exporter
     try:
