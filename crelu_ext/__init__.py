@@ -8,7 +8,7 @@ with crelu_ext.recompute():          # layers after CReLU keep its input, not it
 """
 
 from . import _export, reference  # noqa: F401  (_export: torch.onnx.export exports the ops)
-from .functional import available_backends, crelu, set_default_backend
+from .functional import available_backends, crelu, register_backend, set_default_backend
 from .fuse import fuse
 from .nn import CReLU
 from .recompute import recompute
@@ -21,5 +21,6 @@ __all__ = [
     "fuse",
     "recompute",
     "reference",
+    "register_backend",
     "set_default_backend",
 ]

@@ -2,36 +2,59 @@
 
 The commands' own modules import their optional dependencies only when they run, so
 ``--help`` works without them; a missing one ends the command with one line that names
-the extra to install."""
+the extra to install, in the form that fits where the package was imported from."""
 
 import importlib
 import sys
+from pathlib import Path
 
+PROG = "python -m crelu_ext"
+# Each command: its module (with a main(argv)), its pip extra (pyproject.toml), what it does.
 COMMANDS = {
-    "bench": "crelu_ext.bench",
-    "train": "crelu_ext.paper.train",
-    "analyze": "crelu_ext.paper.analysis",
+    "bench": ("crelu_ext.bench", "bench", "time the fused op against the composition it replaces"),
+    "train": ("crelu_ext.paper.train", "paper", "train the paper's networks, check the parity"),
+    "analyze": ("crelu_ext.paper.analysis", "paper", "the paper's analyses of a trained network"),
 }
-# The pip extra (pyproject.toml) that brings each command's optional modules.
-EXTRAS = {"bench": "bench", "train": "paper", "analyze": "paper"}
-OPTIONAL_MODULES = {"tqdm", "sklearn", "matplotlib"}
+OPTIONAL_MODULES = {"numpy", "tqdm", "sklearn", "matplotlib", "pytest_benchmark"}
+PACKAGE_DIR = Path(__file__).resolve().parent
 
 
-def main() -> None:
-    if len(sys.argv) < 2 or sys.argv[1] not in COMMANDS:
-        sys.exit(f"usage: python -m crelu_ext {{{','.join(COMMANDS)}}} [options]")
-    command = sys.argv[1]
-    module = importlib.import_module(COMMANDS[command])
+def usage() -> str:
+    width = max(map(len, COMMANDS))
+    lines = [f"usage: {PROG} {{{','.join(COMMANDS)}}} [options]", "", "commands:"]
+    lines += [f"  {name:{width}}  {about}" for name, (_, _, about) in COMMANDS.items()]
+    lines += ["", f"{PROG} <command> --help shows the command's options."]
+    return "\n".join(lines)
+
+
+def install_hint(extra: str) -> str:
+    """How to install ``extra`` for the package that is running: in a source
+    checkout (pyproject.toml next to the package) from that checkout."""
+    checkout = PACKAGE_DIR.parent
+    if (checkout / "pyproject.toml").is_file():
+        return f'pip install --no-build-isolation ".[{extra}]" (run in {checkout})'
+    return f'pip install "crelu_ext[{extra}]"'
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] in (["-h"], ["--help"]):
+        print(usage())
+        sys.exit(0)
+    if not argv or argv[0] not in COMMANDS:
+        error = f"\n{PROG}: error: unknown command {argv[0]!r}" if argv else ""
+        print(usage() + error, file=sys.stderr)
+        sys.exit(2)
+    command, arguments = argv[0], argv[1:]
+    module_name, extra, _ = COMMANDS[command]
+    module = importlib.import_module(module_name)
     try:
-        module.main(sys.argv[2:])
+        module.main(arguments)
     except ModuleNotFoundError as error:
         missing = (error.name or "").partition(".")[0]
         if missing not in OPTIONAL_MODULES:
             raise
-        sys.exit(
-            f"python -m crelu_ext {command} needs {missing}, which is not installed: "
-            f'pip install "crelu_ext[{EXTRAS[command]}]"'
-        )
+        sys.exit(f"{PROG} {command} needs {missing}, which is not installed: {install_hint(extra)}")
 
 
 if __name__ == "__main__":

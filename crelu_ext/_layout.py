@@ -1,47 +1,29 @@
-"""Input checks and the layout plan, mirroring csrc/ops.cpp for the Python
-side (fake kernels and the Triton backend). See csrc/crelu.h for the plan."""
+"""The layout plan and the outputs' allocation, mirroring csrc/ops.cpp for the
+Python side (fake kernels and the Triton backend). See csrc/crelu.h for the plan."""
 
 import math
 
 import torch
 
+# Private: torch has no public test for "non-overlapping and dense", and this
+# variant adds no guards on symbolic sizes under torch.compile.
 try:
     from torch._prims_common import is_non_overlapping_and_dense_or_false as _is_dense
-except ImportError:  # torch before 2.13 (the GPU machines have 2.11)
+except ImportError:  # torch before 2.13
     from torch._prims_common import is_non_overlapping_and_dense as _is_dense
 
-FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 MASK_BLOCK = 32  # elements per mask block
 MASK_BLOCK_BYTES = 8  # a uint32 word of "x > 0 or NaN" bits, then one of "x < 0 or NaN"
 
 
-def check_input(x: torch.Tensor, dim: int, op: str = "crelu") -> int:
-    """Raises the errors SPEC section 3 asks for; returns ``dim`` wrapped to
-    ``[0, x.dim())``."""
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"crelu_ext.{op}: expected a torch.Tensor, got {type(x).__name__}")
-    if x.dtype not in FLOAT_DTYPES:
-        raise TypeError(
-            f"crelu_ext.{op}: expected a float16, bfloat16, float32 or float64 tensor, "
-            f"got {x.dtype}"
-        )
-    if x.dim() == 0:
-        raise RuntimeError(
-            f"crelu_ext.{op}: a zero-dimensional tensor cannot be concatenated; "
-            "give it at least one dimension"
-        )
-    if not isinstance(dim, int) or isinstance(dim, bool):
-        raise TypeError(f"crelu_ext.{op}: dim must be an int, got {type(dim).__name__}")
-    if not -x.dim() <= dim < x.dim():
-        raise IndexError(
-            f"crelu_ext.{op}: dim {dim} is out of range for a {x.dim()}-D tensor "
-            f"(expected it in [{-x.dim()}, {x.dim() - 1}])"
-        )
-    return dim % x.dim()
-
-
 def mask_bytes(numel):
     return (numel + MASK_BLOCK - 1) // MASK_BLOCK * MASK_BLOCK_BYTES
+
+
+# c10's stride rules, copied: torch.cat on the composition of a meta tensor with
+# x's sizes and strides costs ~10 ms per call (relu's meta kernel is a Python
+# ref), and its strides differ from the CPU's for ambiguous layouts such as
+# sizes (1, 2, 2, 1) with strides (1000, 1, 2, 1000).
 
 
 def _is_channels_last_strides(sizes, strides, order) -> bool:

@@ -9,12 +9,8 @@ from pathlib import Path
 
 import torch
 
-from ._layout import (
-    allocate_backward,
-    allocate_backward_backward,
-    allocate_forward,
-    check_input,
-)
+from ._checks import check_input
+from ._layout import allocate_backward, allocate_backward_backward, allocate_forward
 from ._vmap import register_vmap_rules
 
 PACKAGE_DIR = Path(__file__).resolve().parent

@@ -1,134 +1,216 @@
-"""Backend selection and the functional API.
+"""The functional API and the backends it runs.
 
 ``native``: the compiled kernels in csrc/ (CPU, and CUDA when built with it).
 ``triton``: the Triton kernels in crelu_ext/triton/ (CUDA; CPU in the interpreter).
 ``reference``: the torch composition in reference.py, available everywhere.
+More can be added with :func:`register_backend`.
+
+``backend="auto"`` picks native, else triton, else reference. The environment
+variable ``CRELU_EXT_BACKEND``, read once when crelu_ext is imported, names the
+backend that ``"auto"`` means instead; :func:`set_default_backend` changes it
+at run time.
 """
 
 import os
+import warnings
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 
 from . import _export, _native, reference
 from . import triton as triton_backend
-from ._layout import check_input
+from ._checks import check_input
 
-BACKENDS = ("native", "triton", "reference")
 ENV_VAR = "CRELU_EXT_BACKEND"
-# os.environ.get raises and catches a KeyError when the variable is unset, which
-# costs more than the whole op at small sizes; os.environ's own dict, which it
-# keeps up to date, answers the same without.
-_ENVIRON_DATA = os.environ._data
-_ENV_KEY = os.environ.encodekey(ENV_VAR)
-
-_IMPLEMENTATIONS = {
-    "native": _native.crelu,
-    "triton": triton_backend.crelu,
-    "reference": reference.crelu,
-}
-_REGISTERED = {}
-_DEFAULT = [os.environ.get(ENV_VAR)]
+DEFAULT_DIM = 1  # the channels of NCHW input
+BACKENDS = ("native", "triton", "reference")  # the built-in ones
+AUTO_ORDER = ("native", "triton")  # what "auto" picks, else the reference
 
 
-def register_backend(name, implementation, is_available):
-    global BACKENDS
-    BACKENDS = (*BACKENDS, name)
-    _IMPLEMENTATIONS[name] = implementation
-    _REGISTERED[name] = is_available
+class Backend(NamedTuple):
+    implementation: Callable[[torch.Tensor, int], torch.Tensor]
+    is_available: Callable[[torch.device], bool]
 
 
-def set_default_backend(name):
-    previous = _DEFAULT[0]
-    _DEFAULT[0] = name
-    _SELECTED.clear()
-    return "auto" if previous is None else previous
+# By name, in registration order: the built-ins first, so that "auto" prefers
+# them; available_backends lists the reference last.
+_BACKENDS: dict[str, Backend] = {}
+
+# (backend argument, device) -> the implementation it resolves to. The
+# backends available for a device are fixed once the package has loaded, and
+# the key holds the device itself, as reading its type builds a string.
+_RESOLVED: dict[tuple[str, torch.device], Callable[[torch.Tensor, int], torch.Tensor]] = {}
+
+# What "auto" means: "auto" for the first available backend, else a name.
+_default = os.environ.get(ENV_VAR, "auto")
+_default_origin = ENV_VAR
+_warned_fallback = False
+
+
+def register_backend(
+    name: str,
+    implementation: Callable[[torch.Tensor, int], torch.Tensor],
+    is_available: Callable[[torch.device], bool],
+) -> None:
+    """Makes ``crelu(x, dim, backend=name)`` run ``implementation(x, dim)`` on
+    the devices for which ``is_available(device)`` is true. ``available_backends``
+    lists it after native and triton and before the reference, and ``"auto"``
+    never picks it, as the reference is always there. Registering a name again
+    replaces its implementation."""
+    if not isinstance(name, str) or not name or name == "auto":
+        raise ValueError(f"crelu_ext.register_backend: invalid backend name {name!r}")
+    _BACKENDS[name] = Backend(implementation, is_available)
+    _RESOLVED.clear()
+
+
+def _device_exists(device: torch.device) -> bool:
+    """Whether tensors can live on ``device`` in this process: an accelerator
+    that torch has no device for (CUDA on a machine without a GPU) holds none."""
+    module = getattr(torch, device.type, None)
+    is_available = getattr(module, "is_available", None)
+    if device.type in ("cpu", "meta") or is_available is None:
+        return True
+    if not is_available():
+        return False
+    return device.index is None or device.index < module.device_count()
 
 
 def available_backends(device: torch.device | str | None = None) -> list[str]:
-    """The backends that run on ``device`` (default: CPU), in the order
-    ``backend="auto"`` prefers them."""
+    """The backends that run tensors on ``device`` (default: CPU), in the order
+    ``backend="auto"`` prefers them, the reference last. Empty for a device this
+    process has none of, e.g. ``"cuda"`` where CUDA is not available."""
     device = torch.device("cpu" if device is None else device)
-    available = []
-    if _native.native_available(device):
-        available.append("native")
-    if triton_backend.triton_available(device):
-        available.append("triton")
-    available += [name for name, is_available in _REGISTERED.items() if is_available(device)]
+    if not _device_exists(device):
+        return []
+    available = [
+        name
+        for name, backend in _BACKENDS.items()
+        if name != "reference" and backend.is_available(device)
+    ]
     available.append("reference")
     return available
 
 
+def _unavailable_reason(name: str, device: torch.device) -> str:
+    if name == "native" and _native.NATIVE_IMPORT_ERROR is not None:
+        return f" ({_native.native_unavailable_reason()})"
+    if name == "triton" and triton_backend.TRITON_IMPORT_ERROR is not None:
+        return f" (triton did not import: {triton_backend.TRITON_IMPORT_ERROR})"
+    if name == "triton" and device.type == "cpu":
+        return " (Triton runs CPU tensors only in its interpreter: set TRITON_INTERPRET=1)"
+    return ""
+
+
+def _check_name(name: str, origin: str, device: torch.device | None = None) -> None:
+    if isinstance(name, str) and (name == "auto" or name in _BACKENDS):
+        return
+    where = "" if device is None else f" (available on {device.type}: {available_backends(device)})"
+    raise ValueError(
+        f"crelu_ext.crelu: unknown {origin} {name!r}; choose 'auto' or one of "
+        f"{list(_BACKENDS)}{where}"
+    )
+
+
+def set_default_backend(backend: str) -> str:
+    """Sets the backend that ``backend="auto"`` means, overriding
+    ``$CRELU_EXT_BACKEND``; ``"auto"`` restores the first available one.
+    Returns the previous setting."""
+    global _default, _default_origin
+    _check_name(backend, "backend")
+    previous, _default, _default_origin = _default, backend, "backend"
+    _RESOLVED.clear()
+    return previous
+
+
+def _warn_fallback() -> None:
+    global _warned_fallback
+    if not _warned_fallback:
+        _warned_fallback = True
+        warnings.warn(
+            "crelu_ext.crelu: running the reference composition (four kernels, two saved "
+            f"activations) on CPU, as {_native.native_unavailable_reason()}",
+            RuntimeWarning,
+            stacklevel=5,  # the caller of crelu
+        )
+
+
 def select_backend(backend: str, device: torch.device) -> str:
-    """Resolves ``backend`` for ``device``; ``"auto"`` takes ``$CRELU_EXT_BACKEND``
-    if set, else the first available backend."""
+    """Resolves ``backend`` for ``device``; ``"auto"`` takes the default
+    (:func:`set_default_backend`, ``$CRELU_EXT_BACKEND``) if one is set, else
+    the first available backend."""
     requested, origin = backend, "backend"
     if backend == "auto":
-        requested, origin = _backend_override() or "auto", ENV_VAR
+        requested, origin = _default, _default_origin
+    _check_name(requested, origin, device)
     available = available_backends(device)
-    if requested == "auto":
-        return available[0]
-    if requested not in BACKENDS:
-        raise ValueError(
-            f"crelu_ext.crelu: unknown {origin} {requested!r}; choose 'auto' or one of "
-            f"{list(BACKENDS)} (available on {device.type}: {available})"
+    if not available:
+        raise RuntimeError(
+            f"crelu_ext.crelu: no backend runs {device} tensors: this process has no "
+            f"{device} device"
         )
+    if requested == "auto":
+        for name in AUTO_ORDER:
+            if name in available:
+                return name
+        if device.type == "cpu" and _native.NATIVE_IMPORT_ERROR is not None:
+            _warn_fallback()
+        return "reference"
     if requested not in available:
-        reason = ""
-        if requested == "native" and _native.NATIVE_IMPORT_ERROR is not None:
-            reason = f" ({_native.native_unavailable_reason()})"
-        elif requested == "triton" and triton_backend.TRITON_IMPORT_ERROR is not None:
-            reason = f" (triton did not import: {triton_backend.TRITON_IMPORT_ERROR})"
-        elif requested == "triton" and device.type == "cpu":
-            reason = " (Triton runs CPU tensors only in its interpreter: set TRITON_INTERPRET=1)"
         raise RuntimeError(
             f"crelu_ext.crelu: {origin} {requested!r} is not available for {device.type} "
-            f"tensors{reason}; available: {available}"
+            f"tensors{_unavailable_reason(requested, device)}; available: {available}"
         )
     return requested
 
 
-def _backend_override() -> str | None:
-    """$CRELU_EXT_BACKEND, read on every call."""
-    if _DEFAULT[0] not in (None, "auto"):
-        return _DEFAULT[0]
-    if torch.compiler.is_compiling():
-        return os.environ.get(ENV_VAR)
-    value = _ENVIRON_DATA.get(_ENV_KEY)
-    return None if value is None else os.environ.decodevalue(value)
+def _resolve(x: torch.Tensor, dim: int, backend: str):
+    """The cache's miss: raises for a non-tensor (the API's message) and for a
+    backend that is unknown or unavailable; keeps one that resolves."""
+    if not isinstance(x, torch.Tensor):
+        check_input(x, dim)
+    implementation = _BACKENDS[select_backend(backend, x.device)].implementation
+    _RESOLVED[backend, x.device] = implementation
+    return implementation
 
 
-# (backend, $CRELU_EXT_BACKEND for "auto", device) -> the backend it resolves
-# to: the available backends are fixed once the package has loaded. Keyed by
-# the device, as reading its type builds a string on every call.
-_SELECTED: dict[tuple[str, str | None, torch.device], str] = {}
+def _default_dim_error(error: IndexError) -> IndexError:
+    return IndexError(
+        f"{error}; {DEFAULT_DIM} is the default dim of crelu_ext.crelu and CReLU (the channels "
+        "of NCHW input): pass dim=... for other layouts, e.g. dim=-1 for (batch, features)"
+    )
 
 
 def crelu(x: torch.Tensor, dim: int = 1, backend: str = "auto") -> torch.Tensor:
     """CReLU, ``cat([relu(x), relu(-x)], dim)``, bitwise equal to
     :func:`crelu_ext.reference.crelu` forward and backward, in one fused pass
-    that saves only 2 bits per element for backward."""
+    that saves only 2 bits per element for backward.
+
+    ``backend``: ``"auto"`` (native, else triton, else reference; see
+    :func:`set_default_backend` and ``$CRELU_EXT_BACKEND``) or the name of one
+    in :func:`available_backends`."""
     if torch.jit.is_scripting():  # TorchScript compiles this branch alone
         return torch.ops.crelu_ext.crelu(x, dim, False)[0]
     return _crelu(x, dim, backend)
 
 
 def _crelu(x: torch.Tensor, dim: int, backend: str) -> torch.Tensor:
-    if not torch.compiler.is_dynamo_compiling() and _export.exporting():
+    # Both ONNX exporters run the model under torch.export or torch.jit's tracer.
+    if (torch.compiler.is_exporting() or torch.jit.is_tracing()) and _export.exporting():
         return reference.crelu(x, dim)  # standard ONNX ops, for either exporter
-    override = _backend_override() if backend == "auto" else None
     try:
-        key = (backend, override, x.device)
-    except AttributeError:
-        check_input(x, dim)  # not a tensor: the API's message
-        raise
-    selected = _SELECTED.get(key)
-    if selected is None:
-        # Raises for a backend unavailable on the device; one that resolves is kept.
-        selected = _SELECTED[key] = select_backend(backend, x.device)
-    # Each backend checks its input once (the native op in C++).
-    return _IMPLEMENTATIONS[selected](x, dim)
+        implementation = _RESOLVED[backend, x.device]
+    except (KeyError, AttributeError, TypeError):
+        implementation = _resolve(x, dim, backend)
+    try:
+        # Each backend checks its input once (the native op in C++).
+        return implementation(x, dim)
+    except IndexError as error:
+        if dim != DEFAULT_DIM:
+            raise
+        raise _default_dim_error(error) from None
 
 
-def register_backend(name, implementation, is_available):
-    """Placeholder: the real registration comes from another branch."""
-    _IMPLEMENTATIONS[name] = implementation
+register_backend("native", _native.crelu, _native.native_available)
+register_backend("triton", triton_backend.crelu, triton_backend.triton_available)
+register_backend("reference", reference.crelu, lambda device: True)

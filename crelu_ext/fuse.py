@@ -29,7 +29,7 @@ import torch
 import torch.fx
 import torch.nn.functional as F
 
-from ._layout import FLOAT_DTYPES
+from ._checks import FLOAT_DTYPES
 from .functional import crelu
 from .nn import CReLU
 from .recompute import recompute as recompute_saved

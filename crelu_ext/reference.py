@@ -5,7 +5,7 @@ Every backend must match this bitwise, forward and backward (SPEC section 3).
 
 import torch
 
-from ._layout import check_input
+from ._checks import check_input
 
 
 def crelu(x: torch.Tensor, dim: int = 1) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """Checks the machine code of the Triton kernels without a GPU.
 
 Compiles every kernel of crelu_ext/triton_kernels.py for sm_90 and sm_80,
-for each dtype and each path the launcher picks (``plan_launch``): aligned
+for each dtype and each path the launcher picks (``plan_grid``): aligned
 (128-bit access), scalar (misaligned pointers or rows that are not whole
 vectors) and wide (rows of 2**31 elements or more). It then asserts, from
 the PTX and the SASS:
@@ -77,7 +77,7 @@ PATHS = [
 
 def compile_kernel(kernel: Kernel, dtype: torch.dtype, path, arch: int):
     _, numel, inner = path
-    plan = triton_kernels.plan_launch(numel, inner, dtype.itemsize, aligned=True)
+    plan = triton_kernels.plan_grid(numel, inner, dtype.itemsize, aligned=True)
     names = kernel.fn.arg_names
     ints = {
         "numel": numel,

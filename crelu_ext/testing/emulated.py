@@ -19,7 +19,7 @@ import torch
 
 from .. import _native
 from .._autograd import call_forward, register_crelu_autograd
-from .._layout import check_input
+from .._checks import check_input
 from .._vmap import register_vmap_rules
 from ..functional import register_backend
 

@@ -24,17 +24,16 @@ them.
 
 import os
 from typing import NamedTuple
-from unittest import mock
 
 import torch
 from torch._subclasses.fake_tensor import is_fake
 
 from .._autograd import call_forward, register_crelu_autograd
+from .._checks import check_input
 from .._layout import (
     allocate_backward,
     allocate_backward_backward,
     allocate_forward,
-    check_input,
     output_memory_format,
     plan_layout,
 )
@@ -58,7 +57,7 @@ VECTOR_BYTES = 16  # one 128-bit load or store
 INT32_MAX = 2**31 - 1
 
 
-class LaunchPlan(NamedTuple):
+class TritonGrid(NamedTuple):
     """How the kernels walk an [outer, inner] plan: ``grid`` programs of
     ``BLOCK`` consecutive input elements, and the arguments that find each
     element's row without dividing per element."""
@@ -82,14 +81,14 @@ def row_divider(inner) -> tuple[int, int]:
     return magic - 2**32 * (magic // 2**31), shift
 
 
-def plan_launch(numel: int, inner: int, element_size: int, aligned: bool) -> LaunchPlan:
+def plan_grid(numel: int, inner: int, element_size: int, aligned: bool) -> TritonGrid:
     """``aligned``: every tensor the kernel moves starts on 16 bytes."""
     block = BLOCK_BY_ELEMENT_SIZE[element_size]
     vector = VECTOR_BYTES // element_size
     # Past this, a program's local column index no longer fits in int32.
     wide_rows = bool(inner + 2 * block > INT32_MAX)
     magic, shift = (0, 0) if wide_rows else row_divider(inner)
-    return LaunchPlan(
+    return TritonGrid(
         grid=((numel + block - 1) // block,),
         row_magic=magic,
         row_shift=shift,
@@ -292,18 +291,21 @@ def _is_aligned(tensor: torch.Tensor) -> bool:
     return tensor.data_ptr() % VECTOR_BYTES == 0
 
 
-def _launch(kernel, numel: int, element_size: int, *tensors, inner: int, **constexprs) -> None:
+def _launch(
+    kernel, numel: int, element_size: int, *tensors, inner: int, traced: bool, **constexprs
+) -> None:
     """Launches ``kernel(*tensors, numel, inner, ...)`` over the [numel // inner,
-    inner] plan; ``tensors`` are the dense ones it reads and writes."""
+    inner] plan; ``tensors`` are the dense ones it reads and writes. ``traced``:
+    the launch is in a triton_op, which torch.compile traces into."""
     data = [t for t in tensors if t.dtype != torch.int32]  # mask words move as they are
-    plan = plan_launch(numel, inner, element_size, all(map(_is_aligned, data)))
+    plan = plan_grid(numel, inner, element_size, all(map(_is_aligned, data)))
+    launcher = kernel
     if INTERPRETING:
         # The interpreter's kernels are Python functions that wrap_triton does
         # not take, so do here what it does for fake tensors: launch nothing.
         if any(is_fake(t) for t in tensors):
             return
-        launcher = kernel
-    else:
+    elif traced:
         launcher = torch.library.wrap_triton(kernel)  # visible to torch.compile
     launcher[plan.grid](
         *tensors,
@@ -335,22 +337,8 @@ def _launch_masked(kernel, source, mask, out, x_like, dim, memory_format) -> Non
         _mask_words(mask),
         out,
         inner=inner,
+        traced=False,
     )
-
-
-def _triton_op_with_schema(name: str, schema: str):
-    """``torch.library.triton_op`` with the schema given. torch before 2.14 takes
-    the ``schema`` argument but infers one from the annotations anyway, and that
-    cannot express a memory format; there, its inference answers ``schema``."""
-    define = torch.library.triton_op(name, mutates_args=(), schema=schema)
-    if torch.torch_version.TorchVersion(torch.__version__) >= (2, 14):
-        return define
-
-    def define_with_schema(fn):
-        with mock.patch.object(torch._library.triton, "infer_schema", lambda *_, **__: schema):
-            return define(fn)
-
-    return define_with_schema
 
 
 def _define_ops() -> None:
@@ -371,34 +359,48 @@ def _define_ops() -> None:
                 out,
                 _mask_words(mask) if save_mask else out,  # never read without the mask
                 inner=inner,
+                traced=True,
                 WRITE_MASK=save_mask,
             )
         return out, mask
 
-    # torch cannot infer a schema with a memory format, so these two spell theirs out.
+    # The backward ops take a memory format, which torch.library.triton_op cannot
+    # infer from annotations (and before torch 2.14 infers even when given a
+    # schema), so they are custom ops with their schemas spelled out: opaque to
+    # torch.compile, which calls them as they are.
     masked_schema = "(Tensor {}, Tensor mask, int dim, MemoryFormat memory_format) -> Tensor"
 
-    @_triton_op_with_schema("crelu_ext::triton_crelu_backward", masked_schema.format("grad_out"))
-    def triton_crelu_backward(
-        grad_out: torch.Tensor, mask: torch.Tensor, dim: int, memory_format: torch.memory_format
-    ) -> torch.Tensor:
+    @torch.library.custom_op(
+        "crelu_ext::triton_crelu_backward", mutates_args=(), schema=masked_schema.format("grad_out")
+    )
+    def triton_crelu_backward(grad_out, mask, dim, memory_format):
         dim = check_input(grad_out, dim, "triton_crelu_backward")
         grad_x = allocate_backward(grad_out, dim, memory_format)
         _launch_masked(_crelu_backward_kernel, grad_out, mask, grad_x, grad_x, dim, memory_format)
         return grad_x
 
-    @_triton_op_with_schema(
-        "crelu_ext::triton_crelu_backward_backward", masked_schema.format("grad_grad_x")
+    @torch.library.custom_op(
+        "crelu_ext::triton_crelu_backward_backward",
+        mutates_args=(),
+        schema=masked_schema.format("grad_grad_x"),
     )
-    def triton_crelu_backward_backward(
-        grad_grad_x: torch.Tensor, mask: torch.Tensor, dim: int, memory_format: torch.memory_format
-    ) -> torch.Tensor:
+    def triton_crelu_backward_backward(grad_grad_x, mask, dim, memory_format):
         dim = check_input(grad_grad_x, dim, "triton_crelu_backward_backward")
         out = allocate_backward_backward(grad_grad_x, dim, memory_format)
         _launch_masked(
             _crelu_backward_backward_kernel, grad_grad_x, mask, out, grad_grad_x, dim, memory_format
         )
         return out
+
+    @triton_crelu_backward.register_fake
+    def _(grad_out, mask, dim, memory_format):
+        dim = check_input(grad_out, dim, "triton_crelu_backward")
+        return allocate_backward(grad_out, dim, memory_format)
+
+    @triton_crelu_backward_backward.register_fake
+    def _(grad_grad_x, mask, dim, memory_format):
+        dim = check_input(grad_grad_x, dim, "triton_crelu_backward_backward")
+        return allocate_backward_backward(grad_grad_x, dim, memory_format)
 
     register_crelu_autograd(
         "triton_crelu", "triton_crelu_backward", "triton_crelu_backward_backward"

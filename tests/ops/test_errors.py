@@ -29,14 +29,21 @@ def test_dim_out_of_range_raises_index_error(backend_device, dim):
         crelu_ext.crelu(torch.ones(2, 3, device=device), dim, backend=backend)
 
 
-def test_crelu_module_names_its_default_dim(backend_device):
+@pytest.mark.parametrize("call", ["module", "functional"])
+def test_the_default_dim_is_named_when_out_of_range(backend_device, call):
     backend, device = backend_device
+
+    def run(x, *dim):
+        if call == "module":
+            return crelu_ext.CReLU(*dim, backend=backend)(x)
+        return crelu_ext.crelu(x, *dim, backend=backend)
+
     with pytest.raises(
-        IndexError, match=r"crelu_ext\.crelu: dim 1 is out of range.*1 is CReLU's default dim"
+        IndexError, match=r"crelu_ext\.crelu: dim 1 is out of range.*1 is the default dim"
     ):
-        crelu_ext.CReLU(backend=backend)(torch.randn(3, device=device))
+        run(torch.randn(3, device=device))
     with pytest.raises(IndexError, match=r"dim 2 is out of range") as error:
-        crelu_ext.CReLU(2, backend=backend)(torch.randn(3, device=device))
+        run(torch.randn(3, device=device), 2)
     assert "default" not in str(error.value)
 
 
@@ -94,16 +101,29 @@ def grad_fn_name(out: torch.Tensor) -> str:
     return type(out.grad_fn).__name__
 
 
-def test_environment_variable_overrides_auto(monkeypatch):
+def test_set_default_backend_changes_what_auto_means():
     x = torch.randn(2, 3, requires_grad=True)
-    monkeypatch.setenv("CRELU_EXT_BACKEND", "reference")
-    assert grad_fn_name(crelu_ext.crelu(x, 1)) == "CatBackward0"
-    # An explicit backend wins over the variable.
-    if "native" in crelu_ext.available_backends("cpu"):
-        assert grad_fn_name(crelu_ext.crelu(x, 1, backend="native")) != "CatBackward0"
-    monkeypatch.setenv("CRELU_EXT_BACKEND", "fast")
-    with pytest.raises(ValueError, match=r"unknown CRELU_EXT_BACKEND 'fast'"):
-        crelu_ext.crelu(x, 1)
+    assert crelu_ext.set_default_backend("reference") == "auto"
+    try:
+        assert grad_fn_name(crelu_ext.crelu(x, 1)) == "CatBackward0"
+        # An explicit backend wins over the default.
+        if "native" in crelu_ext.available_backends("cpu"):
+            assert grad_fn_name(crelu_ext.crelu(x, 1, backend="native")) != "CatBackward0"
+        with pytest.raises(ValueError, match=r"unknown backend 'fast'; choose 'auto' or one of"):
+            crelu_ext.set_default_backend("fast")
+    finally:
+        assert crelu_ext.set_default_backend("auto") == "reference"
+    uses_reference = grad_fn_name(crelu_ext.crelu(x, 1)) == "CatBackward0"
+    assert uses_reference == (crelu_ext.available_backends()[0] == "reference")
+
+
+def test_a_default_backend_unavailable_for_the_device_names_it():
+    crelu_ext.set_default_backend("triton")
+    try:
+        with pytest.raises(RuntimeError, match=r"backend 'triton' is not available for cpu"):
+            crelu_ext.crelu(torch.ones(2, 2), 1)
+    finally:
+        crelu_ext.set_default_backend("auto")
 
 
 def test_auto_prefers_native():

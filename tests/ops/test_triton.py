@@ -132,5 +132,5 @@ def test_rows_past_int32_take_the_wide_path(triton_and_native_cpu, monkeypatch):
     # Rows of 2**31 elements cannot run here; lowering the limit sends rows of
     # 3000 through the same code.
     monkeypatch.setattr(triton_kernels, "INT32_MAX", 3000 + 2 * 1024 - 1)
-    assert triton_kernels.plan_launch(6000, 3000, 4, True).constexprs["WIDE_ROWS"]
+    assert triton_kernels.plan_grid(6000, 3000, 4, True).constexprs["WIDE_ROWS"]
     _native_ops_match_triton_ops(make_input((2, 3000), torch.float32, triton_and_native_cpu), 1)

@@ -47,8 +47,8 @@ def test_row_divider_divides_exactly(inner):
         (3 * 2**33, 2**33, 2, True, True, True, 3 * 2**22),
     ],
 )
-def test_plan_launch(numel, inner, element_size, aligned, vectors, wide, grid):
-    plan = triton_kernels.plan_launch(numel, inner, element_size, aligned)
+def test_plan_grid(numel, inner, element_size, aligned, vectors, wide, grid):
+    plan = triton_kernels.plan_grid(numel, inner, element_size, aligned)
     assert plan.grid == (grid,)
     assert plan.constexprs["ALIGNED"] == vectors
     assert plan.constexprs["WIDE_ROWS"] == wide
@@ -58,7 +58,7 @@ def test_plan_launch(numel, inner, element_size, aligned, vectors, wide, grid):
         assert (plan.row_magic, plan.row_shift) == triton_kernels.row_divider(inner)
 
 
-def test_plan_launch_takes_symbolic_sizes():
+def test_plan_grid_takes_symbolic_sizes():
     # torch.compile(dynamic=True) traces the launch with symbolic sizes: the
     # constexprs must come out concrete and the divider must stay exact.
     from torch._dynamo.source import ConstantSource
@@ -69,8 +69,8 @@ def test_plan_launch_takes_symbolic_sizes():
     def symbolic(value, name):
         return env.create_symintnode(env.create_symbol(value, ConstantSource(name)), hint=value)
 
-    plan = triton_kernels.plan_launch(symbolic(4800, "numel"), symbolic(200, "inner"), 4, True)
-    expected = triton_kernels.plan_launch(4800, 200, 4, True)
+    plan = triton_kernels.plan_grid(symbolic(4800, "numel"), symbolic(200, "inner"), 4, True)
+    expected = triton_kernels.plan_grid(4800, 200, 4, True)
     assert plan.constexprs == expected.constexprs
     assert all(type(value) in (bool, int) for value in plan.constexprs.values())
     assert (int(plan.grid[0]), int(plan.row_magic), plan.row_shift) == (
@@ -107,7 +107,7 @@ def test_codegen_check_reports_what_the_old_kernels_did():
     }
     assert check.divisions(counts.ptx, 64) == 2
     forward = check.KERNELS[0]
-    plan = triton_kernels.plan_launch(4096, 64, 4, True)
+    plan = triton_kernels.plan_grid(4096, 64, 4, True)
     assert check.violations(forward, torch.float32, "aligned", plan, counts) == [
         "divides per element (more than the program's one 64-bit div/rem)",
         "uses local memory",

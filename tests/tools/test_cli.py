@@ -1,15 +1,19 @@
 """``python -m crelu_ext``: help without the extras, one line naming the missing extra,
 and files from someone else (checkpoints, CIFAR batches) that cannot run code."""
 
+import json
 import os
 import pickle
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+import crelu_ext
 from crelu_ext.paper import analysis, train
 
 # Runs `python -m crelu_ext ...` in a Python where the extras' modules cannot be imported,
@@ -24,9 +28,9 @@ runpy.run_module("crelu_ext", run_name="__main__")
 """
 
 
-def run_without_extras(*arguments: str) -> subprocess.CompletedProcess:
+def run_without_extras(*arguments: str, cwd=None) -> subprocess.CompletedProcess:
     command = [sys.executable, "-c", WITHOUT_EXTRAS, *arguments]
-    return subprocess.run(command, capture_output=True, text=True, timeout=300)
+    return subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=cwd)
 
 
 @pytest.mark.parametrize("command", ["train", "analyze", "bench"])
@@ -36,19 +40,57 @@ def test_help_works_without_the_extras(command):
     assert f"python -m crelu_ext {command}" in result.stdout
 
 
-@pytest.mark.parametrize(
-    ("arguments", "module", "extra"),
-    [
-        (["train", "--width", "0.125", "--steps", "1"], "sklearn", "train"),
-        (["analyze", "--width", "0.125", "--steps", "1", "--out", "{tmp}"], "sklearn", "analysis"),
-    ],
-)
+def test_help_lists_each_command_with_what_it_does():
+    for flag in ("--help", "-h"):
+        result = run_without_extras(flag)
+        assert result.returncode == 0, result.stderr[-2000:]
+        lines = result.stdout.splitlines()
+        assert lines[0] == "usage: python -m crelu_ext {bench,train,analyze} [options]"
+        for command in ("bench", "train", "analyze"):
+            (line,) = [line for line in lines if line.split()[:1] == [command]]
+            assert len(line.split()) > 3, line  # a description follows the name
+    bare = run_without_extras()
+    assert bare.returncode == 2
+    assert bare.stdout == ""
+    assert bare.stderr.strip() == result.stdout.strip()
+    unknown = run_without_extras("fit")
+    assert unknown.returncode == 2
+    assert unknown.stderr.strip().endswith("error: unknown command 'fit'")
+
+
+MISSING_EXTRA_CASES = [
+    (["train", "--width", "0.125", "--steps", "1"], "sklearn", "paper"),
+    (["analyze", "--width", "0.125", "--steps", "1", "--out", "{tmp}"], "sklearn", "paper"),
+]
+
+
+@pytest.mark.parametrize(("arguments", "module", "extra"), MISSING_EXTRA_CASES)
 def test_a_missing_extra_is_one_line_naming_it(tmp_path, arguments, module, extra):
+    # Run from this source checkout: the package folder has a pyproject.toml beside it.
+    checkout = Path(crelu_ext.__file__).resolve().parent.parent
+    assert (checkout / "pyproject.toml").is_file()
     result = run_without_extras(*(a.format(tmp=tmp_path) for a in arguments))
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [
         f"python -m crelu_ext {arguments[0]} needs {module}, which is not installed: "
-        f'pip install "crelu_ext[{extra}]"'
+        f'pip install --no-build-isolation ".[{extra}]" (run in {checkout})'
+    ]
+
+
+def test_a_missing_extra_of_an_installed_package_names_the_distribution(tmp_path):
+    # The package on its own, as pip installs it: no pyproject.toml beside it.
+    package = Path(crelu_ext.__file__).resolve().parent
+    site = tmp_path / "site"
+    shutil.copytree(
+        package, site / "crelu_ext", ignore=shutil.ignore_patterns("__pycache__", "_C.*")
+    )
+    for compiled in package.glob("_C.*"):
+        (site / "crelu_ext" / compiled.name).symlink_to(compiled)
+    result = run_without_extras("train", "--width", "0.125", "--steps", "1", cwd=site)
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines() == [
+        "python -m crelu_ext train needs sklearn, which is not installed: "
+        'pip install "crelu_ext[paper]"'
     ]
 
 
@@ -62,11 +104,14 @@ class Payload:
         return os.system, (f"touch {self.marker}",)
 
 
-def test_the_payload_runs_when_unpickled_unsafely(tmp_path):
-    # The control: the planted payload does run under a plain pickle.load.
-    marker = tmp_path / "ran"
-    pickle.loads(pickle.dumps(Payload(marker)))
-    assert marker.exists()
+def test_train_reads_official_cifar_files(tmp_path):
+    # The control for the refusals below: the reader takes well-formed batches.
+    pixels = np.random.default_rng(0).integers(0, 256, (2, 3072), dtype=np.uint8)
+    _cifar_folder(tmp_path, {b"labels": [0, 1], b"data": pixels})
+    metrics = tmp_path / "metrics.json"
+    flags = ["--width", "0.125", "--steps", "1", "--batch-size", "2", "--metrics-out", str(metrics)]
+    train.main(["--dataset", "cifar10", "--data-dir", str(tmp_path), *flags])
+    assert json.loads(metrics.read_text())["config"]["dataset"] == "cifar10"
 
 
 @pytest.fixture
