@@ -22,7 +22,8 @@ import math
 
 import torch
 
-from ._layout import FLOAT_DTYPES, MASK_BLOCK, mask_bytes, memory_order, output_memory_format
+from ._checks import FLOAT_DTYPES
+from ._layout import MASK_BLOCK, mask_bytes, memory_order, output_memory_format
 
 _MEMORY_FORMATS = (torch.contiguous_format, torch.channels_last, torch.channels_last_3d)
 _BIT_SHIFTS = {}  # device -> arange(8) as uint8

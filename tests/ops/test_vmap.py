@@ -10,7 +10,7 @@ import warnings
 
 import pytest
 import torch
-from helpers import assert_bitwise_equal, make_input, skip_unsupported
+from helpers import DEVICES, assert_bitwise_equal, backend_devices_and_dtypes, make_input
 from torch.func import grad, hessian, jacfwd, jacrev, vjp, vmap
 from torch.utils._pytree import tree_flatten
 
@@ -20,7 +20,6 @@ import crelu_ext
 FALLBACK = "There is a performance drop"
 BATCH = 64
 DTYPES = [torch.float64, torch.float32]
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
 
 
 @contextlib.contextmanager
@@ -72,9 +71,8 @@ def weighted(f, w):
     return lambda x: (f(x).square() * w).sum()
 
 
-def require_device(device):
-    if device == "cuda" and not torch.cuda.is_available():
-        pytest.skip("no CUDA device")
+def require_native(device):
+    # A machine whose build lacks the native kernels for this device.
     if not crelu_ext._native.native_available(torch.device(device)):
         pytest.skip(f"no native kernels for {device}")
 
@@ -113,7 +111,7 @@ PER_SAMPLE_CASES = {
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("device", DEVICES)
 def test_per_sample_gradients(case, dtype, device, capfd):
-    require_device(device)
+    require_native(device)
     shape, in_dim, view, dim = PER_SAMPLE_CASES[case]
     x, _ = batch_of(shape, in_dim, dtype, device, seed=0)
     out_shape = list(view(x[0]).shape)
@@ -140,7 +138,7 @@ def test_per_sample_gradients(case, dtype, device, capfd):
 @pytest.mark.parametrize("device", DEVICES)
 def test_ops_match_per_sample_calls(layout, dtype, device, capfd):
     # Each op on batched inputs, its mask batched or shared by every sample.
-    require_device(device)
+    require_native(device)
     _, shape, in_dim, dim = next(c for c in sample_layouts() if c[0] == layout)
     ops = torch.ops.crelu_ext
     x, in_dim = batch_of(shape, in_dim, dtype, device, seed=0)
@@ -171,29 +169,16 @@ def test_ops_match_per_sample_calls(layout, dtype, device, capfd):
 
 
 SHAPE = (2, 4, 3)
-# conftest's backend_device, less the reference backend: it has no ops to batch.
+# Every backend that runs here, less the reference: it has no ops to batch.
 OP_BACKENDS = pytest.mark.parametrize(
-    "backend_device",
-    [
-        pytest.param((backend, device), id=f"{backend}-{device}", marks=marks)
-        for backend, device, marks in [
-            ("native", "cpu", ()),
-            ("triton", "cpu", ()),
-            ("emulated", "cpu", ()),
-            ("emulated64", "cpu", ()),
-            ("native", "cuda", pytest.mark.cuda),
-            ("triton", "cuda", pytest.mark.cuda),
-        ]
-    ],
-    indirect=True,
+    ("backend_device", "dtype"),
+    backend_devices_and_dtypes(DTYPES, include=lambda backend, _: backend != "reference"),
 )
 
 
-@pytest.fixture(params=DTYPES, ids=str)
-def case(request, backend_device):
+@pytest.fixture
+def case(backend_device, dtype):
     backend, device = backend_device
-    dtype = request.param
-    skip_unsupported(backend, device, dtype)
 
     def make(shape, seed):
         return make_input(shape, dtype, device, seed=seed, special_fraction=0.4)
@@ -248,7 +233,7 @@ def test_vmap_over_jacobians(case, capfd):
 
 def test_rejected_calls_raise_the_ops_error(capfd):
     # Checked per sample, so the message speaks of one sample, not of the batch.
-    require_device("cpu")
+    require_native("cpu")
     ops = torch.ops.crelu_ext
     x = torch.randn(4, 2, 3)
     with (
