@@ -165,6 +165,8 @@ def providers(device: torch.device, names: list[str] | None = None) -> dict:
         if backend != "reference"
     }
     result["eager"] = reference.crelu
+    # One torch op, the yardstick of per-call cost at small sizes: not a CReLU.
+    result["relu"] = lambda x, dim: torch.relu(x)
     # Static shapes, one graph per case, as CNN training has them. Dynamo keys
     # its cache on the code object, which both share: the limit is raised in main.
     result["compile"] = torch.compile(reference.crelu, dynamic=False)
@@ -172,12 +174,12 @@ def providers(device: torch.device, names: list[str] | None = None) -> dict:
     result["compile-catcopy"] = torch.compile(
         reference.crelu, dynamic=False, options={"max_pointwise_cat_inputs": 0}
     )
-    if names:
-        unknown = set(names) - set(result)
-        if unknown:
-            raise SystemExit(f"unknown providers {sorted(unknown)}; available: {list(result)}")
-        result = {name: result[name] for name in names}
-    return result
+    if not names:  # the CReLU providers; relu is asked for by name (the small sweep)
+        return {name: fn for name, fn in result.items() if name != "relu"}
+    unknown = set(names) - set(result)
+    if unknown:
+        raise SystemExit(f"unknown providers {sorted(unknown)}; available: {list(result)}")
+    return {name: result[name] for name in names}
 
 
 def minimal_bytes(direction: str, numel: int, element_size: int) -> int:
@@ -490,7 +492,11 @@ def run_small(case, dims, dim, dtype, device, fns: dict, rounds: int) -> list[di
         return run
 
     def forward_backward(fn):
-        return lambda: torch.autograd.grad(fn(xg, dim), xg, grad)
+        with torch.no_grad():
+            shape = fn(x, dim).shape
+        # torch.relu's output has x's shape, the others twice its dim.
+        g = grad if shape == grad.shape else torch.randn(shape, dtype=dtype, device=device)
+        return lambda: torch.autograd.grad(fn(xg, dim), xg, g)
 
     steps_by_direction = {"forward": forward, "forward+backward": forward_backward}
     rows = []
@@ -532,6 +538,7 @@ def run_small(case, dims, dim, dtype, device, fns: dict, rounds: int) -> list[di
                     "speedup_vs_compile": (
                         medians["compile"][0] / seconds if "compile" in medians else ""
                     ),
+                    "cost_vs_relu": seconds / medians["relu"][0] if "relu" in medians else "",
                 }
             )
     return rows
@@ -543,7 +550,7 @@ def print_small_table(rows: list[dict], device: torch.device) -> None:
     header = (
         f"{'shape':>14} {'provider':>10} {'us/call':>9} "
         + (f"{'host us':>8} " if host else "")
-        + f"{'vs eager':>8} {'vs compile':>10}"
+        + f"{'vs eager':>8} {'vs compile':>10} {'x relu':>7}"
     )
     for case, dim, direction in dict.fromkeys((r["case"], r["dim"], r["direction"]) for r in rows):
         print(f"\n{case}, dim={dim}, {direction}")
@@ -558,16 +565,20 @@ def print_small_table(rows: list[dict], device: torch.device) -> None:
             print(
                 f"{shape:>14} {r['provider']:>10} {r['us_per_call']:9.2f} "
                 + (f"{r['host_us_per_call']:8.2f} " if host else "")
-                + f"{ratio(r['speedup_vs_eager']):>8} {ratio(r['speedup_vs_compile']):>10}"
+                + f"{ratio(r['speedup_vs_eager']):>8} {ratio(r['speedup_vs_compile']):>10} "
+                + f"{ratio(r['cost_vs_relu']):>7}"
             )
 
 
 def print_small_summary(rows: list[dict]) -> None:
     """The worst ratio of each provider over the sizes, per case and direction."""
-    print("\nsummary, worst speed-up over 2^10..2^20 elements (eager's time / provider's):")
+    print(
+        "\nsummary, worst speed-up over 2^10..2^20 elements (eager's time / provider's), "
+        "and the cost of a call at the smallest size in torch.relu calls:"
+    )
     keys = dict.fromkeys((r["case"], r["direction"], r["provider"]) for r in rows)
     for case, direction, provider in keys:
-        if provider == "eager":
+        if provider in ("eager", "relu"):
             continue
         mine = [
             r
@@ -577,9 +588,11 @@ def print_small_summary(rows: list[dict]) -> None:
         ]
         if mine:
             worst = min(mine, key=lambda r: r["speedup_vs_eager"])
+            smallest = min(mine, key=lambda r: r["elements"])
             print(
                 f"  {case:>4} {direction:>16} {provider:>10}: {ratio(worst['speedup_vs_eager'])} "
-                f"at {worst['elements']} elements"
+                f"at {worst['elements']} elements; {ratio(smallest['cost_vs_relu'])} relu "
+                f"at {smallest['elements']}"
             )
 
 
@@ -645,7 +658,7 @@ def run_small_sweep(args, device: torch.device, dtype, context: dict) -> None:
     from tqdm import tqdm
 
     names = args.providers.split(",") if args.providers else None
-    fns = providers(device, names or [*available_native(device), "eager", "compile"])
+    fns = providers(device, names or [*available_native(device), "relu", "eager", "compile"])
     shapes = small_shapes()
     rows = []
     progress = tqdm(shapes, desc="bench small", file=sys.stderr, bar_format=PROGRESS_FORMAT)
