@@ -1,6 +1,6 @@
 """The specification as code: CReLU as the composition of torch ops.
 
-Every backend must match this bitwise, forward and backward (SPEC section 3).
+Every backend must match this bitwise, forward and backward.
 """
 
 import torch

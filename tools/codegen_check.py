@@ -1,6 +1,6 @@
 """Checks the machine code of the Triton kernels without a GPU.
 
-Compiles every kernel of crelu_ext/triton_kernels.py for sm_90 and sm_80,
+Compiles every kernel of crelu_ext/triton/ops.py for sm_90 and sm_80,
 for each dtype and each path the launcher picks (``plan_grid``): aligned
 (128-bit access), scalar (misaligned pointers or rows that are not whole
 vectors) and wide (rows of 2**31 elements or more). It then asserts, from

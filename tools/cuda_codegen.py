@@ -1,4 +1,4 @@
-"""The CUDA kernels' machine code, checked without a GPU (SPEC section 6).
+"""The CUDA kernels' machine code, checked without a GPU.
 
 For every architecture whose SASS the built extension holds, with the
 ``cuobjdump`` that ships in Triton's wheel:

@@ -20,7 +20,7 @@ from helpers import (
 )
 
 import crelu_ext
-from crelu_ext import _export as _onnx
+from crelu_ext import _export
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
@@ -95,7 +95,7 @@ def test_onnx_export_leaves_the_op_untouched_outside_export():
     """The composition is used only while torch.onnx.export traces: torch.export
     and torch.compile keep the fused op, and the op has no decomposition that
     Inductor would refuse it for (it does when $CI is set)."""
-    assert not _onnx.exporting()
+    assert not _export.exporting()
     assert torch.ops.crelu_ext.crelu.default not in torch._decomp.decomposition_table
     program = torch.export.export(crelu_ext.CReLU(-1), (torch.randn(2, 6),))
     assert any(node.target is torch.ops.crelu_ext.crelu.default for node in program.graph.nodes)
