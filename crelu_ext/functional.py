@@ -131,7 +131,7 @@ def _warn_fallback() -> None:
             "crelu_ext.crelu: running the reference composition (four kernels, two saved "
             f"activations) on CPU, as {_native.native_unavailable_reason()}",
             RuntimeWarning,
-            stacklevel=5,  # the caller of crelu
+            stacklevel=6,  # crelu's caller, past select_backend, _resolve and _crelu
         )
 
 
