@@ -153,7 +153,7 @@ def written_files(printed: str) -> set[str]:
 
 
 def test_cli_end_to_end(tmp_path, capsys):
-    assert COMMANDS["analyze"] == "crelu_ext.paper.analysis"
+    assert COMMANDS["analyze"][0] == "crelu_ext.paper.analysis"
     out = tmp_path / "analysis"
     analysis.main(
         [
