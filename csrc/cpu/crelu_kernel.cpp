@@ -122,10 +122,11 @@ int64_t last_level_cache_bytes() {
 // win while an output stays cached for the next op (and the next call): it
 // and its input must fit the last-level cache, which other cores share. On a
 // VM the size the OS reports is the host's, not this VM's share of it: a
-// 2-core VM that reports a 300 MB L3 writes a 4 MB output faster with plain
-// stores and an 8 MB one faster streamed. So: half the reported cache, and at
-// most 4 MB per thread, about a core's share of a server's cache; 8 MB where
-// the OS reports none. The cache size is read once.
+// 2-core VM that reports a 300 MB L3 writes 2 MB outputs faster with plain
+// stores and 4 MB ones faster streamed. So: half the reported cache, and at
+// most 4 MB per thread, which keeps 8 MB outputs of two threads in a 32 MB L3
+// shared with a few other cores; 8 MB where the OS reports no cache. The
+// cache size is read once, the thread count on each call.
 int64_t streaming_bytes() {
   static const int64_t cache = last_level_cache_bytes();
   if (cache <= 0) {
