@@ -158,13 +158,13 @@ def providers(x: torch.Tensor, names: list[str]) -> dict:
 
 
 def check_exact(fns: dict, x: torch.Tensor) -> None:
-    """Every forward matches the composition bit for bit, also on zeros of
-    both signs and NaN."""
+    """The fused kernel and the loop match the composition bit for bit, also
+    on zeros of both signs and NaN (torch.compile need not: it is a peer)."""
     special = torch.tensor([0.0, -0.0, float("nan"), -float("nan"), 1.0, -1.0])
     x[0].view(-1)[: special.numel()] = special
     expected = reference.crelu(x, 1).view(torch.int32)
     for name, fn in fns.items():
-        if name != "copy" and not torch.equal(fn().view(torch.int32), expected):
+        if name not in ("copy", "compile") and not torch.equal(fn().view(torch.int32), expected):
             raise SystemExit(f"{name} differs from the composition")
     x.copy_(torch.randn_like(x))
 
