@@ -47,8 +47,9 @@ constexpr int64_t kGrainElements = 1 << 15;
 
 // Large outputs are written with non-temporal stores, which skip reading each
 // destination line before overwriting it: that read is a third of a forward
-// pass's memory traffic. Smaller outputs stay in cache for the next op.
-constexpr int64_t kStreamingBytes = int64_t{8} << 20;
+// pass's memory traffic. Outputs the cache can hold stay there instead
+// (streaming_bytes()); fresh pages get huge-page advice from this size on.
+constexpr int64_t kLargeOutputBytes = int64_t{8} << 20;
 
 // Streaming pays only on pages that are already mapped. A fresh mmap (glibc
 // serves allocations over 32 MB so) faults on every first touch, the OS zeroes
@@ -85,25 +86,76 @@ bool page_resident(uintptr_t address) {
                  &resident) == 0 &&
          (resident & 1) != 0;
 }
+
+// The size of CPU 0's highest-level data cache as sysfs reports it (e.g.
+// "32768K"), or 0 where it does not.
+int64_t last_level_cache_bytes() {
+  int64_t bytes = 0;
+  int level = 0;
+  for (int index = 0; index < 16; ++index) {
+    const std::string dir =
+        "/sys/devices/system/cpu/cpu0/cache/index" + std::to_string(index);
+    std::ifstream level_file(dir + "/level"), type_file(dir + "/type"),
+        size_file(dir + "/size");
+    int this_level = 0;
+    std::string type;
+    int64_t size = 0;
+    char unit = 0;
+    if (!(level_file >> this_level) || !(type_file >> type) ||
+        !(size_file >> size)) {
+      continue;
+    }
+    size_file >> unit;
+    const int shift = unit == 'K'   ? 10
+                      : unit == 'M' ? 20
+                      : unit == 'G' ? 30
+                                    : 0;
+    if ((type == "Data" || type == "Unified") && this_level > level) {
+      level = this_level;
+      bytes = size << shift;
+    }
+  }
+  return bytes;
+}
+
+// Outputs larger than this are streamed into resident memory. Plain stores
+// win while an output stays cached for the next op (and the next call): it
+// and its input must fit the last-level cache, which other cores share. On a
+// VM the size the OS reports is the host's, not this VM's share of it: a
+// 2-core VM that reports a 300 MB L3 writes 2 MB outputs faster with plain
+// stores and 4 MB ones faster streamed. So: half the reported cache, and at
+// most 4 MB per thread, which keeps 8 MB outputs of two threads in a 32 MB L3
+// shared with a few other cores; 8 MB where the OS reports no cache. The
+// cache size is read once, the thread count on each call.
+int64_t streaming_bytes() {
+  static const int64_t cache = last_level_cache_bytes();
+  if (cache <= 0) {
+    return kLargeOutputBytes;
+  }
+  constexpr int64_t kShareBytesPerThread = int64_t{4} << 20;
+  return std::min(cache / 2, kShareBytesPerThread * at::get_num_threads());
+}
 #endif
 
 // Called once per output before it is written; true: stream the stores
 // (store_vector streams only where the ISA can).
 inline bool prepare_output(void* dst, int64_t bytes) {
 #if defined(__linux__)
-  if (bytes < kStreamingBytes) {
+  const int64_t streamed = streaming_bytes();
+  if (bytes <= streamed && bytes < kLargeOutputBytes) {
     return false;
   }
   const auto begin = reinterpret_cast<uintptr_t>(dst);
   const uintptr_t end = begin + static_cast<uintptr_t>(bytes);
   // A page in the middle: an allocator's header may have touched the first.
   if (page_resident(begin + (end - begin) / 2)) {
-    return true;
+    return bytes > streamed;
   }
   const uintptr_t huge_begin =
       (begin + kHugePageBytes - 1) & ~(kHugePageBytes - 1);
   const uintptr_t huge_end = end & ~(kHugePageBytes - 1);
-  if (huge_begin < huge_end && huge_pages_on_request()) {
+  if (bytes >= kLargeOutputBytes && huge_begin < huge_end &&
+      huge_pages_on_request()) {
     // Advice only: where it is refused the pages stay small.
     madvise(reinterpret_cast<void*>(huge_begin), huge_end - huge_begin,
             MADV_HUGEPAGE);
@@ -136,6 +188,24 @@ inline void store_vector(T* p, const Vectorized<T>& v, bool streaming) {
   v.store(p);
 }
 
+// Non-temporal stores need aligned addresses: 64 bytes covers AVX-512 and AVX2.
+// Along a run of whole mask blocks the alignment does not change (Block).
+inline bool streamable(const void* p, bool streaming) {
+  return streaming && reinterpret_cast<uintptr_t>(p) % 64 == 0;
+}
+
+// relu(v) = v < 0 ? +0 : v, keeping NaN and -0 as torch.relu does. On x86
+// ATen's clamp_min is one max instruction, which returns its second operand,
+// v, for NaN and for two zeros: the same bits.
+template <typename Vec>
+inline Vec relu(const Vec& v) {
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+  return at::vec::clamp_min(v, Vec(0));
+#else
+  return Vec::blendv(v, Vec(0), v < Vec(0));
+#endif
+}
+
 // A position (o, r) in the [outer, inner] plan that walks in memory order.
 struct RowCursor {
   int64_t o;
@@ -157,26 +227,36 @@ struct RowCursor {
   int64_t pair_offset() const { return o * 2 * inner + r; }
 };
 
-// Splits the flat range into mask blocks and hands each block to
-// `vector_block(flat, cursor, block)` when it is a whole block inside one row,
-// else to `scalar_block(flat, cursor, block, count)`. One task owns each
-// block, so mask words never race.
-template <typename VectorBlock, typename ScalarBlock>
-void for_each_block(int64_t numel, int64_t inner, VectorBlock vector_block,
+// Splits the flat range into mask blocks and walks each task's blocks in
+// memory order. Each stretch of whole blocks inside one row goes to
+// `vector_run(flat, pair, block, blocks)`: its first element's flat index,
+// that element's RowCursor::pair_offset(), its first mask block and the
+// number of blocks. Blocks that straddle rows (inner not a multiple of 32)
+// and the tail go to `scalar_block(flat, cursor, block, count)`. One task
+// owns each block, so mask words never race.
+template <typename VectorRun, typename ScalarBlock>
+void for_each_block(int64_t numel, int64_t inner, VectorRun vector_run,
                     ScalarBlock scalar_block) {
   const int64_t blocks = (numel + kMaskBlock - 1) / kMaskBlock;
+  const int64_t whole_blocks = numel / kMaskBlock;
   at::parallel_for(
       0, blocks, kGrainElements / kMaskBlock, [&](int64_t begin, int64_t end) {
         RowCursor cursor(begin * kMaskBlock, inner);
-        for (int64_t block = begin; block < end; ++block) {
+        int64_t block = begin;
+        while (block < end) {
           const int64_t flat = block * kMaskBlock;
-          const int64_t count = std::min(kMaskBlock, numel - flat);
-          if (count == kMaskBlock && cursor.r + kMaskBlock <= inner) {
-            vector_block(flat, cursor, block);
+          const int64_t run = std::min({(inner - cursor.r) / kMaskBlock,
+                                        end - block, whole_blocks - block});
+          if (run > 0) {
+            vector_run(flat, cursor.pair_offset(), block, run);
+            cursor.advance(run * kMaskBlock);
+            block += run;
           } else {
+            const int64_t count = std::min(kMaskBlock, numel - flat);
             scalar_block(flat, cursor, block, count);
+            cursor.advance(count);
+            ++block;
           }
-          cursor.advance(count);
         }
 #if defined(CRELU_EXT_STREAMING_STORES)
         _mm_sfence();  // order this task's streaming stores before the join
@@ -194,6 +274,8 @@ struct Block {
   static constexpr int kLanes = AccVec::size();
   static constexpr int kVecs = kMaskBlock / kLanes;
   static_assert(kMaskBlock % kLanes == 0);
+  // Whole blocks keep an address's alignment for streaming (streamable).
+  static_assert(kMaskBlock * sizeof(scalar_t) % 64 == 0);
 
   AccVec v[kVecs];
 
@@ -212,9 +294,8 @@ struct Block {
     }
   }
 
-  // streaming: non-temporal stores, where p is aligned for them.
+  // streaming: non-temporal stores; p is then streamable().
   void store(scalar_t* p, bool streaming) const {
-    streaming = streaming && reinterpret_cast<uintptr_t>(p) % 64 == 0;
     if constexpr (std::is_same_v<scalar_t, acc_t>) {
       for (int k = 0; k < kVecs; ++k) {
         store_vector(p + k * kLanes, v[k], streaming);
@@ -231,7 +312,7 @@ struct Block {
   // All-ones lanes where bit (k * kLanes + lane) of `bits` is set.
   static AccVec lanes_of(uint32_t bits, int k) {
     using lane_int = at::vec::int_same_size_t<acc_t>;
-    alignas(64) static const auto lane_bits = [] {
+    alignas(64) static constexpr auto lane_bits = [] {
       std::array<lane_int, kLanes> b{};
       for (int lane = 0; lane < kLanes; ++lane) {
         b[lane] = lane_int(1) << lane;
@@ -245,39 +326,62 @@ struct Block {
   }
 };
 
+// The vector runs take their pointers and flags as arguments: the compiler
+// keeps them in registers, where state captured by reference would be
+// reloaded after every vector store (those may alias anything).
+
+// `blocks` whole blocks of one row: x -> pos = relu(x), neg = relu(-x), and
+// their mask words when kMask.
+template <typename scalar_t, bool kMask>
+void forward_run(const scalar_t* x, scalar_t* pos, scalar_t* neg,
+                 uint32_t* mask, int64_t blocks, bool stream_pos,
+                 bool stream_neg) {
+  using B = Block<scalar_t>;
+  using AccVec = typename B::AccVec;
+  const AccVec zero(0);
+  for (int64_t b = 0; b < blocks; ++b) {
+    B in, p, n;
+    in.load(x + b * kMaskBlock);
+    uint32_t pos_bits = 0, neg_bits = 0;
+    for (int k = 0; k < B::kVecs; ++k) {
+      const AccVec v = in.v[k];
+      p.v[k] = relu(v);
+      n.v[k] = relu(v.neg());
+      if constexpr (kMask) {
+        // zero_mask() has a bit per lane whose comparison was false.
+        pos_bits |= static_cast<uint32_t>((v <= zero).zero_mask())
+                    << (k * B::kLanes);
+        neg_bits |= static_cast<uint32_t>((v >= zero).zero_mask())
+                    << (k * B::kLanes);
+      }
+    }
+    p.store(pos + b * kMaskBlock, stream_pos);
+    n.store(neg + b * kMaskBlock, stream_neg);
+    if constexpr (kMask) {
+      mask[2 * b] = pos_bits;
+      mask[2 * b + 1] = neg_bits;
+    }
+  }
+}
+
 template <typename scalar_t>
 void forward(const scalar_t* x, scalar_t* out, uint32_t* mask, int64_t numel,
              int64_t inner) {
-  using B = Block<scalar_t>;
-  using AccVec = typename B::AccVec;
   const bool streaming =
       prepare_output(out, 2 * numel * int64_t{sizeof(scalar_t)});
   for_each_block(
       numel, inner,
-      [&](int64_t flat, const RowCursor& cursor, int64_t block) {
-        B in, pos, neg;
-        in.load(x + flat);
-        const AccVec zero(0);
-        uint32_t pos_bits = 0, neg_bits = 0;
-        for (int k = 0; k < B::kVecs; ++k) {
-          const AccVec v = in.v[k];
-          // blendv(a, b, m) = m ? b : a
-          pos.v[k] = AccVec::blendv(v, zero, v < zero);
-          neg.v[k] = AccVec::blendv(v.neg(), zero, v > zero);
-          if (mask != nullptr) {
-            // zero_mask() has a bit per lane whose comparison was false.
-            pos_bits |= static_cast<uint32_t>((v <= zero).zero_mask())
-                        << (k * B::kLanes);
-            neg_bits |= static_cast<uint32_t>((v >= zero).zero_mask())
-                        << (k * B::kLanes);
-          }
-        }
-        scalar_t* dst = out + cursor.pair_offset();
-        pos.store(dst, streaming);
-        neg.store(dst + inner, streaming);
+      [&](int64_t flat, int64_t pair, int64_t block, int64_t blocks) {
+        scalar_t* pos = out + pair;
+        scalar_t* neg = pos + inner;
+        const bool stream_pos = streamable(pos, streaming);
+        const bool stream_neg = streamable(neg, streaming);
         if (mask != nullptr) {
-          mask[2 * block] = pos_bits;
-          mask[2 * block + 1] = neg_bits;
+          forward_run<scalar_t, true>(x + flat, pos, neg, mask + 2 * block,
+                                      blocks, stream_pos, stream_neg);
+        } else {
+          forward_run<scalar_t, false>(x + flat, pos, neg, nullptr, blocks,
+                                       stream_pos, stream_neg);
         }
       },
       [&](int64_t flat, RowCursor cursor, int64_t block, int64_t count) {
@@ -297,32 +401,41 @@ void forward(const scalar_t* x, scalar_t* out, uint32_t* mask, int64_t numel,
       });
 }
 
+// `blocks` whole blocks of one row: the two halves of grad_out -> grad_x.
+template <typename scalar_t>
+void backward_run(const scalar_t* g_pos, const scalar_t* g_neg,
+                  const uint32_t* mask, scalar_t* grad_x, int64_t blocks,
+                  bool streaming) {
+  using B = Block<scalar_t>;
+  using AccVec = typename B::AccVec;
+  const AccVec zero(0);
+  for (int64_t b = 0; b < blocks; ++b) {
+    B g1, g2, result;
+    g1.load(g_pos + b * kMaskBlock);
+    g2.load(g_neg + b * kMaskBlock);
+    const uint32_t pos_bits = mask[2 * b];
+    const uint32_t neg_bits = mask[2 * b + 1];
+    for (int k = 0; k < B::kVecs; ++k) {
+      const AccVec t1 = AccVec::blendv(zero, g1.v[k], B::lanes_of(pos_bits, k));
+      const AccVec t2 = AccVec::blendv(zero, g2.v[k], B::lanes_of(neg_bits, k));
+      result.v[k] = t1 + t2.neg();
+    }
+    result.store(grad_x + b * kMaskBlock, streaming);
+  }
+}
+
 template <typename scalar_t>
 void backward(const scalar_t* grad_out, const uint32_t* mask, scalar_t* grad_x,
               int64_t numel, int64_t inner) {
-  using B = Block<scalar_t>;
-  using AccVec = typename B::AccVec;
-  using acc_t = typename B::acc_t;
+  using acc_t = typename Block<scalar_t>::acc_t;
   const bool streaming =
       prepare_output(grad_x, numel * int64_t{sizeof(scalar_t)});
   for_each_block(
       numel, inner,
-      [&](int64_t flat, const RowCursor& cursor, int64_t block) {
-        B g1, g2, result;
-        const scalar_t* src = grad_out + cursor.pair_offset();
-        g1.load(src);
-        g2.load(src + inner);
-        const uint32_t pos_bits = mask[2 * block];
-        const uint32_t neg_bits = mask[2 * block + 1];
-        const AccVec zero(0);
-        for (int k = 0; k < B::kVecs; ++k) {
-          const AccVec t1 =
-              AccVec::blendv(zero, g1.v[k], B::lanes_of(pos_bits, k));
-          const AccVec t2 =
-              AccVec::blendv(zero, g2.v[k], B::lanes_of(neg_bits, k));
-          result.v[k] = t1 + t2.neg();
-        }
-        result.store(grad_x + flat, streaming);
+      [&](int64_t flat, int64_t pair, int64_t block, int64_t blocks) {
+        const scalar_t* src = grad_out + pair;
+        backward_run(src, src + inner, mask + 2 * block, grad_x + flat, blocks,
+                     streamable(grad_x + flat, streaming));
       },
       [&](int64_t flat, RowCursor cursor, int64_t block, int64_t count) {
         const uint32_t pos_bits = mask[2 * block];
@@ -335,32 +448,43 @@ void backward(const scalar_t* grad_out, const uint32_t* mask, scalar_t* grad_x,
       });
 }
 
+// `blocks` whole blocks of one row: grad_grad_x -> the two halves of out.
+template <typename scalar_t>
+void backward_backward_run(const scalar_t* g_in, const uint32_t* mask,
+                           scalar_t* pos, scalar_t* neg, int64_t blocks,
+                           bool stream_pos, bool stream_neg) {
+  using B = Block<scalar_t>;
+  using AccVec = typename B::AccVec;
+  const AccVec zero(0);
+  for (int64_t b = 0; b < blocks; ++b) {
+    B g, p, n;
+    g.load(g_in + b * kMaskBlock);
+    const uint32_t pos_bits = mask[2 * b];
+    const uint32_t neg_bits = mask[2 * b + 1];
+    for (int k = 0; k < B::kVecs; ++k) {
+      p.v[k] = AccVec::blendv(zero, g.v[k], B::lanes_of(pos_bits, k)) + zero;
+      n.v[k] =
+          AccVec::blendv(zero, g.v[k].neg(), B::lanes_of(neg_bits, k)) + zero;
+    }
+    p.store(pos + b * kMaskBlock, stream_pos);
+    n.store(neg + b * kMaskBlock, stream_neg);
+  }
+}
+
 template <typename scalar_t>
 void backward_backward(const scalar_t* grad_grad_x, const uint32_t* mask,
                        scalar_t* out, int64_t numel, int64_t inner) {
-  using B = Block<scalar_t>;
-  using AccVec = typename B::AccVec;
-  using acc_t = typename B::acc_t;
+  using acc_t = typename Block<scalar_t>::acc_t;
   const bool streaming =
       prepare_output(out, 2 * numel * int64_t{sizeof(scalar_t)});
   for_each_block(
       numel, inner,
-      [&](int64_t flat, const RowCursor& cursor, int64_t block) {
-        B g, pos, neg;
-        g.load(grad_grad_x + flat);
-        const uint32_t pos_bits = mask[2 * block];
-        const uint32_t neg_bits = mask[2 * block + 1];
-        const AccVec zero(0);
-        for (int k = 0; k < B::kVecs; ++k) {
-          pos.v[k] =
-              AccVec::blendv(zero, g.v[k], B::lanes_of(pos_bits, k)) + zero;
-          neg.v[k] =
-              AccVec::blendv(zero, g.v[k].neg(), B::lanes_of(neg_bits, k)) +
-              zero;
-        }
-        scalar_t* dst = out + cursor.pair_offset();
-        pos.store(dst, streaming);
-        neg.store(dst + inner, streaming);
+      [&](int64_t flat, int64_t pair, int64_t block, int64_t blocks) {
+        scalar_t* pos = out + pair;
+        scalar_t* neg = pos + inner;
+        backward_backward_run(grad_grad_x + flat, mask + 2 * block, pos, neg,
+                              blocks, streamable(pos, streaming),
+                              streamable(neg, streaming));
       },
       [&](int64_t flat, RowCursor cursor, int64_t block, int64_t count) {
         const uint32_t pos_bits = mask[2 * block];
