@@ -131,7 +131,7 @@ def _warn_fallback() -> None:
             "crelu_ext.crelu: running the reference composition (four kernels, two saved "
             f"activations) on CPU, as {_native.native_unavailable_reason()}",
             RuntimeWarning,
-            stacklevel=6,  # crelu's caller, past select_backend, _resolve and _crelu
+            stacklevel=6,  # crelu's caller, past select_backend, _resolve and eager_crelu
         )
 
 
@@ -191,10 +191,10 @@ def crelu(x: torch.Tensor, dim: int = 1, backend: str = "auto") -> torch.Tensor:
     in :func:`available_backends`."""
     if torch.jit.is_scripting():  # TorchScript compiles this branch alone
         return torch.ops.crelu_ext.crelu(x, dim, False)[0]
-    return _crelu(x, dim, backend)
+    return eager_crelu(x, dim, backend)
 
 
-def _crelu(x: torch.Tensor, dim: int, backend: str) -> torch.Tensor:
+def eager_crelu(x: torch.Tensor, dim: int, backend: str) -> torch.Tensor:
     # Both ONNX exporters run the model under torch.export or torch.jit's tracer.
     if (torch.compiler.is_exporting() or torch.jit.is_tracing()) and _export.exporting():
         return reference.crelu(x, dim)  # standard ONNX ops, for either exporter

@@ -2,7 +2,7 @@
 
 import torch
 
-from .functional import DEFAULT_DIM, crelu
+from .functional import DEFAULT_DIM, eager_crelu
 from .recompute import track
 
 
@@ -24,11 +24,9 @@ class CReLU(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.jit.is_scripting():  # TorchScript compiles this branch alone
             return torch.ops.crelu_ext.crelu(x, self.dim, False)[0]
-        return self._eager_forward(x)
-
-    def _eager_forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Inside crelu_ext.recompute(), the output is recorded for its pack hook.
-        return track(x, self.dim, crelu(x, self.dim, self.backend))
+        # TorchScript compiles none of what follows. Inside crelu_ext.recompute(),
+        # the output is recorded for its pack hook.
+        return track(x, self.dim, eager_crelu(x, self.dim, self.backend))
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, backend={self.backend!r}"
