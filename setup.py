@@ -39,32 +39,23 @@ LICENSE = "BSD-3-Clause"
 SETUPTOOLS = Version(setuptools.__version__)
 
 
-def find_cmake() -> str:
-    """The cmake to build with: the pip package's, else the one on PATH."""
+def find_tool(name: str, package: str, bin_dir: str) -> str | None:
+    """The pip package's executable (``package.<bin_dir>/<name>``), else the one on PATH."""
     try:
-        import cmake
-
-        candidate = os.path.join(cmake.CMAKE_BIN_DIR, "cmake")
-        if os.path.exists(candidate):
-            return candidate
+        module = __import__(package)
     except ImportError:
-        pass
-    found = shutil.which("cmake")
+        module = None
+    candidate = os.path.join(getattr(module, bin_dir, ""), name)
+    if module is not None and os.path.exists(candidate):
+        return candidate
+    return shutil.which(name)
+
+
+def find_cmake() -> str:
+    found = find_tool("cmake", "cmake", "CMAKE_BIN_DIR")
     if found is None:
         sys.exit(f"crelu_ext builds with CMake>={MIN_CMAKE}, found none: pip install cmake")
     return found
-
-
-def find_ninja() -> str | None:
-    try:
-        import ninja
-
-        candidate = os.path.join(ninja.BIN_DIR, "ninja")
-        if os.path.exists(candidate):
-            return candidate
-    except ImportError:
-        pass
-    return shutil.which("ninja")
 
 
 def check_build_requirements(cmake: str) -> None:
@@ -150,7 +141,7 @@ class CMakeBuild(build_ext):
             "-DCRELU_EXT_PYTHON=ON",
             "-DBUILD_TESTING=OFF",
         ]
-        ninja = find_ninja()
+        ninja = find_tool("ninja", "ninja", "BIN_DIR")
         if ninja is not None and not (build_dir / "CMakeCache.txt").exists():
             configure += ["-G", "Ninja", f"-DCMAKE_MAKE_PROGRAM={ninja}"]
         jobs = os.environ.get("MAX_JOBS") or str(os.cpu_count() or 1)
