@@ -477,19 +477,36 @@ def time_per_call(run, device: torch.device, calls: int) -> tuple[float, float]:
     return (time.perf_counter() - t0) / calls, host / calls
 
 
+def interleaved_medians(runs: dict, device: torch.device, rounds: int) -> dict:
+    """name -> (seconds, host seconds) per call of ``runs[name]()``: each round
+    times every run once, in a rotating order; the medians over rounds."""
+    for run in runs.values():  # compiles, warms up
+        for _ in range(3):
+            run()
+    # About 2 ms of calls per measurement.
+    calls = {
+        name: max(5, min(2000, int(2e-3 / time_per_call(run, device, 5)[0])))
+        for name, run in runs.items()
+    }
+    samples = {name: [] for name in runs}
+    names = list(runs)
+    for r in range(rounds):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            samples[name].append(time_per_call(runs[name], device, calls[name]))
+    return {
+        name: (statistics.median(t for t, _ in these), statistics.median(h for _, h in these))
+        for name, these in samples.items()
+    }
+
+
 def run_small(case, dims, dim, dtype, device, fns: dict, rounds: int) -> list[dict]:
-    """Interleaved: each round times every provider once, in a rotating order,
-    and the medians over rounds are reported."""
+    """Forward and forward+backward of every provider, interleaved."""
     x = torch.randn(dims, dtype=dtype, device=device)
     xg = x.detach().requires_grad_(True)
     grad = torch.randn_like(torch.cat([x, x], dim))
 
     def forward(fn):
-        def run():
-            with torch.no_grad():
-                fn(x, dim)
-
-        return run
+        return lambda: fn(x, dim)
 
     def forward_backward(fn):
         with torch.no_grad():
@@ -501,27 +518,11 @@ def run_small(case, dims, dim, dtype, device, fns: dict, rounds: int) -> list[di
     steps_by_direction = {"forward": forward, "forward+backward": forward_backward}
     rows = []
     for direction, make_step in steps_by_direction.items():
-        runs = {name: make_step(fn) for name, fn in fns.items()}
-        for run in runs.values():  # compiles, warms up
-            for _ in range(3):
-                run()
-        # About 2 ms of calls per measurement.
-        calls = {
-            name: max(5, min(2000, int(2e-3 / time_per_call(run, device, 5)[0])))
-            for name, run in runs.items()
-        }
-        samples = {name: [] for name in runs}
-        names = list(runs)
-        for r in range(rounds):
-            for name in names[r % len(names) :] + names[: r % len(names)]:
-                samples[name].append(time_per_call(runs[name], device, calls[name]))
-        medians = {
-            name: (
-                statistics.median(t for t, _ in these),
-                statistics.median(h for _, h in these),
-            )
-            for name, these in samples.items()
-        }
+        # Forward calls run back to back with grad off, as in an inference loop:
+        # a torch.no_grad() around each call would cost more than the call.
+        with torch.set_grad_enabled(direction != "forward"):
+            runs = {name: make_step(fn) for name, fn in fns.items()}
+            medians = interleaved_medians(runs, device, rounds)
         for name, (seconds, host) in medians.items():
             rows.append(
                 {
