@@ -71,19 +71,28 @@ def native_available(device: torch.device) -> bool:
 
 
 def crelu(x: torch.Tensor, dim: int) -> torch.Tensor:
-    """The native forward. The op checks its input and, under autograd, writes
-    the mask that the backward needs (csrc/autograd.cpp). In eager mode it is
-    called through _C.crelu, which skips torch.ops' per-call argument parsing;
-    tracers (torch.compile, torch.export, fx) and tensor subclasses get the
-    torch.ops call, which they can see."""
+    """The native forward as tracers (torch.compile, torch.export, torch.jit.trace)
+    see it: torch.ops.crelu_ext.crelu. The op checks its input and, under
+    autograd, writes the mask that the backward needs (csrc/autograd.cpp)."""
     try:
-        if not torch.compiler.is_compiling() and type(x) is torch.Tensor and type(dim) is int:
-            return _C.crelu(x, dim)
         return torch.ops.crelu_ext.crelu.default(x, dim, False)[0]
     except (TypeError, RuntimeError):
         # The Python API's message for a non-tensor, a non-int dim or a dtype.
         check_input(x, dim)
         raise
+
+
+def eager_crelu(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """The same op outside tracers, through _C.crelu, which skips torch.ops'
+    per-call argument parsing; tensor subclasses (whose __torch_function__ or
+    __torch_dispatch__ must see torch.ops) and non-int dims take torch.ops."""
+    if type(x) is torch.Tensor and type(dim) is int:
+        try:
+            return _C.crelu(x, dim)
+        except (TypeError, RuntimeError):
+            check_input(x, dim)  # the Python API's message for a dtype
+            raise
+    return crelu(x, dim)
 
 
 def _fake_crelu(x, dim, save_mask):

@@ -28,19 +28,23 @@ BACKENDS = ("native", "triton", "reference")  # the built-in ones
 AUTO_ORDER = ("native", "triton")  # what "auto" picks, else the reference
 
 
+Implementation = Callable[[torch.Tensor, int], torch.Tensor]
+
+
 class Backend(NamedTuple):
-    implementation: Callable[[torch.Tensor, int], torch.Tensor]
+    implementation: Implementation  # what tracers see
     is_available: Callable[[torch.device], bool]
+    eager_implementation: Implementation  # what eager mode calls
 
 
 # By name, in registration order: the built-ins first, so that "auto" prefers
 # them; available_backends lists the reference last.
 _BACKENDS: dict[str, Backend] = {}
 
-# (backend argument, device) -> the implementation it resolves to. The
+# (backend argument, device, traced) -> the implementation it resolves to. The
 # backends available for a device are fixed once the package has loaded, and
 # the key holds the device itself, as reading its type builds a string.
-_RESOLVED: dict[tuple[str, torch.device], Callable[[torch.Tensor, int], torch.Tensor]] = {}
+_RESOLVED: dict[tuple[str, torch.device, bool], Implementation] = {}
 
 # What "auto" means: "auto" for the first available backend, else a name.
 _default = os.environ.get(ENV_VAR, "auto")
@@ -50,17 +54,22 @@ _warned_fallback = False
 
 def register_backend(
     name: str,
-    implementation: Callable[[torch.Tensor, int], torch.Tensor],
+    implementation: Implementation,
     is_available: Callable[[torch.device], bool],
+    *,
+    eager_implementation: Implementation | None = None,
 ) -> None:
     """Makes ``crelu(x, dim, backend=name)`` run ``implementation(x, dim)`` on
     the devices for which ``is_available(device)`` is true. ``available_backends``
     lists it after native and triton and before the reference, and ``"auto"``
     never picks it, as the reference is always there. Registering a name again
-    replaces its implementation."""
+    replaces its implementation.
+
+    ``eager_implementation``, if given, runs instead outside tracers: a faster
+    call that torch.compile, torch.export and torch.jit.trace need not see."""
     if not isinstance(name, str) or not name or name == "auto":
         raise ValueError(f"crelu_ext.register_backend: invalid backend name {name!r}")
-    _BACKENDS[name] = Backend(implementation, is_available)
+    _BACKENDS[name] = Backend(implementation, is_available, eager_implementation or implementation)
     _RESOLVED.clear()
 
 
@@ -164,13 +173,14 @@ def select_backend(backend: str, device: torch.device) -> str:
     return requested
 
 
-def _resolve(x: torch.Tensor, dim: int, backend: str):
+def _resolve(x: torch.Tensor, dim: int, backend: str, traced: bool) -> Implementation:
     """The cache's miss: raises for a non-tensor (the API's message) and for a
     backend that is unknown or unavailable; keeps one that resolves."""
     if not isinstance(x, torch.Tensor):
         check_input(x, dim)
-    implementation = _BACKENDS[select_backend(backend, x.device)].implementation
-    _RESOLVED[backend, x.device] = implementation
+    resolved = _BACKENDS[select_backend(backend, x.device)]
+    implementation = resolved.implementation if traced else resolved.eager_implementation
+    _RESOLVED[backend, x.device, traced] = implementation
     return implementation
 
 
@@ -195,13 +205,16 @@ def crelu(x: torch.Tensor, dim: int = 1, backend: str = "auto") -> torch.Tensor:
 
 
 def eager_crelu(x: torch.Tensor, dim: int, backend: str) -> torch.Tensor:
-    # Both ONNX exporters run the model under torch.export or torch.jit's tracer.
-    if (torch.compiler.is_exporting() or torch.jit.is_tracing()) and _export.exporting():
+    # The one check for every tracer: torch.compile and torch.export (strict or
+    # not) set is_compiling, torch.jit.trace is_tracing, and both ONNX
+    # exporters run the model under one of them.
+    traced = torch.compiler.is_compiling() or torch.jit.is_tracing()
+    if traced and _export.exporting():
         return reference.crelu(x, dim)  # standard ONNX ops, for either exporter
     try:
-        implementation = _RESOLVED[backend, x.device]
+        implementation = _RESOLVED[backend, x.device, traced]
     except (KeyError, AttributeError, TypeError):
-        implementation = _resolve(x, dim, backend)
+        implementation = _resolve(x, dim, backend, traced)
     try:
         # Each backend checks its input once (the native op in C++).
         return implementation(x, dim)
@@ -211,6 +224,8 @@ def eager_crelu(x: torch.Tensor, dim: int, backend: str) -> torch.Tensor:
         raise _default_dim_error(error) from None
 
 
-register_backend("native", _native.crelu, _native.native_available)
+register_backend(
+    "native", _native.crelu, _native.native_available, eager_implementation=_native.eager_crelu
+)
 register_backend("triton", triton_backend.crelu, triton_backend.triton_available)
 register_backend("reference", reference.crelu, lambda device: True)

@@ -75,6 +75,40 @@ def test_a_registered_backend_is_listed_selectable_and_never_auto():
     assert all("crelu_ext.register_backend: invalid backend name" in e for e in found["invalid"])
 
 
+def test_tracers_call_the_implementation_and_eager_mode_the_eager_one():
+    found = run_python(
+        """
+        import json, warnings, torch, crelu_ext
+
+        calls = []
+
+        def traced(x, dim):
+            calls.append("traced")
+            return crelu_ext.reference.crelu(x, dim)
+
+        def eager(x, dim):
+            calls.append("eager")
+            return crelu_ext.reference.crelu(x, dim)
+
+        crelu_ext.register_backend("two", traced, lambda d: True, eager_implementation=eager)
+        x = torch.randn(2, 3)
+        crelu_ext.crelu(x, 1, backend="two")
+        crelu_ext.CReLU(1, backend="two")(x)
+        found = {"eager": calls[:]}
+        calls.clear()
+        torch.compile(lambda x: crelu_ext.crelu(x, 1, backend="two"), backend="eager")(x)
+        found["compile"] = sorted(set(calls))
+        calls.clear()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch.jit.trace's deprecation
+            torch.jit.trace(lambda x: crelu_ext.crelu(x, 1, backend="two"), x, check_trace=False)
+        found["jit.trace"] = calls[:]
+        print(json.dumps(found))
+        """
+    )
+    assert found == {"eager": ["eager", "eager"], "compile": ["traced"], "jit.trace": ["traced"]}
+
+
 def test_the_environment_variable_is_read_at_import():
     code = """
         import json, os, torch, crelu_ext

@@ -94,6 +94,12 @@ def test_the_public_api_takes_the_fast_path_in_eager_mode(monkeypatch):
     # Not a plain tensor or not an int dim: the torch.ops call.
     crelu_ext.crelu(torch.nn.Parameter(x), 1, backend="native")
     crelu_ext.crelu(x, Dim(1), backend="native")
+    # Traced (without the eager rerun that checks the trace): the torch.ops
+    # call, which the tracer records.
+    traced = torch.jit.trace(
+        lambda x: crelu_ext.crelu(x, 1, backend="native"), x, check_trace=False
+    )
+    assert "crelu_ext::crelu" in str(traced.graph)
     assert calls == [1]
 
 

@@ -47,7 +47,12 @@ def test_parity_check_reports_the_first_difference(tmp_path):
         with pytest.raises(SystemExit, match=r"first differ in (loss|weights) at step 1"):
             run_training(tmp_path, "--steps", "2", "--backend", "native", "--check-parity")
     finally:
-        backends.register_backend("native", _native.crelu, _native.native_available)
+        backends.register_backend(
+            "native",
+            _native.crelu,
+            _native.native_available,
+            eager_implementation=_native.eager_crelu,
+        )
 
 
 def test_vgg_with_batch_norm_keeps_parity(tmp_path):
