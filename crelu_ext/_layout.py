@@ -50,14 +50,15 @@ def _suggest_memory_format(sizes, strides) -> torch.memory_format:
     return torch.contiguous_format
 
 
-def _is_contiguous_strides(sizes, strides) -> bool:
-    # c10's compute_contiguous: dims of size 1 may have any stride.
+def _is_contiguous_strides(sizes, strides, order=None) -> bool:
+    # c10's compute_contiguous (and, with `order` innermost first, its
+    # channels_last variants): dims of size 1 may have any stride.
     expected = 1
-    for size, stride in reversed(tuple(zip(sizes, strides, strict=True))):
-        if size != 1:
-            if stride != expected:
+    for d in reversed(range(len(sizes))) if order is None else order:
+        if sizes[d] != 1:
+            if strides[d] != expected:
                 return False
-            expected *= size
+            expected *= sizes[d]
     return True
 
 
@@ -102,7 +103,8 @@ def output_memory_format(x: torch.Tensor) -> torch.memory_format:
     if x.dim() not in (4, 5) or x.is_contiguous():
         return torch.contiguous_format
     if _is_dense(x):
-        if x.is_contiguous(memory_format=torch.channels_last):
+        # From the strides: a tensor under vmap cannot be asked for channels_last.
+        if x.dim() == 4 and _is_contiguous_strides(x.shape, x.stride(), (1, 3, 2, 0)):
             return torch.channels_last
         return _suggest_memory_format(x.shape, x.stride())
     strides = _dense_strides_in_stride_order(x.shape, x.stride())

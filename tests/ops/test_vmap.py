@@ -215,6 +215,22 @@ def test_vmap_in_dims_and_nesting(case, capfd):
 
 
 @OP_BACKENDS
+@pytest.mark.parametrize("samples", PER_SAMPLE_CASES)
+def test_per_sample_gradients_of_every_backend(backend_device, dtype, samples, capfd):
+    backend, device = backend_device
+    shape, in_dim, view, dim = PER_SAMPLE_CASES[samples]
+    x, _ = batch_of(shape, in_dim, dtype, device, seed=0)
+    out_shape = list(view(x[0]).shape)
+    out_shape[dim] *= 2
+    w = make_input(out_shape, dtype, device, seed=1, special_fraction=0.2)
+
+    def per_sample_gradients(f):
+        return vmap(grad(weighted(lambda t: f(view(t)), w)))(x)
+
+    check_modes_agree(per_sample_gradients, backend, capfd, dim)
+
+
+@OP_BACKENDS
 def test_vmap_over_jacobians(case, capfd):
     backend, make = case
     x, batch, w = make(SHAPE, 0), make((3, *SHAPE), 1), make((2, 8, 3), 2)
