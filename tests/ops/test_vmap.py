@@ -107,11 +107,9 @@ PER_SAMPLE_CASES = {
 }
 
 
-@pytest.mark.parametrize("case", PER_SAMPLE_CASES)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("device", DEVICES)
-def test_per_sample_gradients(case, dtype, device, capfd):
-    require_native(device)
+def per_sample_loss(case, dtype, device):
+    """(the batch, loss, dim) of a PER_SAMPLE_CASES case: ``loss(crelu)`` is a
+    scalar function of one sample through ``crelu(view(sample), dim)``."""
     shape, in_dim, view, dim = PER_SAMPLE_CASES[case]
     x, _ = batch_of(shape, in_dim, dtype, device, seed=0)
     out_shape = list(view(x[0]).shape)
@@ -121,6 +119,15 @@ def test_per_sample_gradients(case, dtype, device, capfd):
     def loss(crelu):
         return weighted(lambda sample: crelu(view(sample), dim), w)
 
+    return x, loss, dim
+
+
+@pytest.mark.parametrize("case", PER_SAMPLE_CASES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("device", DEVICES)
+def test_per_sample_gradients(case, dtype, device, capfd):
+    require_native(device)
+    x, loss, _dim = per_sample_loss(case, dtype, device)
     fused = loss(lambda t, d: crelu_ext.crelu(t, d, backend="native"))
     reference = loss(crelu_ext.reference.crelu)
     with batched_calls_only(capfd):
@@ -218,14 +225,11 @@ def test_vmap_in_dims_and_nesting(case, capfd):
 @pytest.mark.parametrize("samples", PER_SAMPLE_CASES)
 def test_per_sample_gradients_of_every_backend(backend_device, dtype, samples, capfd):
     backend, device = backend_device
-    shape, in_dim, view, dim = PER_SAMPLE_CASES[samples]
-    x, _ = batch_of(shape, in_dim, dtype, device, seed=0)
-    out_shape = list(view(x[0]).shape)
-    out_shape[dim] *= 2
-    w = make_input(out_shape, dtype, device, seed=1, special_fraction=0.2)
+    x, loss, dim = per_sample_loss(samples, dtype, device)
 
     def per_sample_gradients(f):
-        return vmap(grad(weighted(lambda t: f(view(t)), w)))(x)
+        # check_modes_agree's f has its dim bound already.
+        return vmap(grad(loss(lambda t, _dim: f(t))))(x)
 
     check_modes_agree(per_sample_gradients, backend, capfd, dim)
 
