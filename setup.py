@@ -1,7 +1,9 @@
 """Builds crelu_ext's compiled part with CMake (CMakeLists.txt holds every
 source list, flag and discovery rule): the op library libcrelu_ext_ops.so and
 the Python module crelu_ext._C next to it in the package, and with
-CRELU_EXT_TESTING=1 the CUDA kernels' host emulator (crelu_ext/testing/).
+CRELU_EXT_TESTING=1 (a test build) the CUDA kernels' host emulator
+(crelu_ext/testing/) and the C++ tests, which ctest runs in the CMake build
+folder (CRELU_EXT_BUILD_DIR, default build/cmake-<python>-<hash>).
 
 CRELU_EXT_CUDA=0/1 forces the CUDA kernels off/on (default: built when a CUDA
 toolkit and a CUDA build of torch are present). MAX_JOBS limits the parallel
@@ -115,16 +117,19 @@ class CMakeBuild(build_ext):
     editable install, build_lib for a wheel."""
 
     def run(self):
-        import torch.utils
+        import torch
 
         cmake = find_cmake()
         check_build_requirements(cmake)
         # Kept between builds (editable installs build in a fresh temporary
         # folder otherwise), one per Python and torch: CMake caches what it
-        # found for them.
+        # found for them. CRELU_EXT_BUILD_DIR names it instead (the Makefile
+        # runs the C++ tests of a test build there).
         key = hashlib.sha256(f"{sys.executable}\n{torch.__file__}".encode()).hexdigest()[:12]
-        build_dir = ROOT / "build" / f"cmake-{sys.implementation.cache_tag}-{key}"
+        default_dir = ROOT / "build" / f"cmake-{sys.implementation.cache_tag}-{key}"
+        build_dir = Path(os.environ.get("CRELU_EXT_BUILD_DIR") or default_dir)
         build_dir.mkdir(parents=True, exist_ok=True)
+        testing = env_switch("CRELU_EXT_TESTING", "ON", "OFF", "OFF")
         editable = self.inplace or getattr(self, "editable_mode", False)
         prefix = ROOT if editable else Path(self.build_lib).resolve()
         configure = [
@@ -134,12 +139,14 @@ class CMakeBuild(build_ext):
             "-B",
             str(build_dir),
             "-DCMAKE_BUILD_TYPE=Release",
-            f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}",
+            # torch is found as a libtorch user's build finds it (CMakeLists.txt
+            # asks this Python), so the Python build tests that path too.
             f"-DPython3_EXECUTABLE={sys.executable}",
             f"-DCRELU_EXT_CUDA={env_switch('CRELU_EXT_CUDA', 'ON', 'OFF', 'AUTO')}",
-            f"-DCRELU_EXT_TESTING={env_switch('CRELU_EXT_TESTING', 'ON', 'OFF', 'OFF')}",
+            # A test build: the emulator and the C++ tests (ctest in build_dir).
+            f"-DCRELU_EXT_TESTING={testing}",
             "-DCRELU_EXT_PYTHON=ON",
-            "-DBUILD_TESTING=OFF",
+            f"-DBUILD_TESTING={testing}",
         ]
         ninja = find_tool("ninja", "ninja", "BIN_DIR")
         if ninja is not None and not (build_dir / "CMakeCache.txt").exists():
