@@ -59,7 +59,7 @@ def register_crelu_autograd(forward: str, backward: str, backward_backward: str)
     backward_op = getattr(ops, backward).default
     backward_backward_op = getattr(ops, backward_backward).default
 
-    class CReLU(torch.autograd.Function):
+    class CReLUFunction(torch.autograd.Function):
         generate_vmap_rule = True
 
         @staticmethod
@@ -123,7 +123,7 @@ def register_crelu_autograd(forward: str, backward: str, backward_backward: str)
     CReLUBackwardBackward = masked_function(
         backward_backward_op, lambda: CReLUBackward, lambda t: t
     )
-    _FUNCTIONS[forward_op] = _FUNCTIONS[getattr(ops, forward)] = CReLU
+    _FUNCTIONS[forward_op] = _FUNCTIONS[getattr(ops, forward)] = CReLUFunction
 
     # Reverse mode on the ops themselves (direct calls, torch.library.opcheck).
     def setup_forward(ctx, inputs, output):
