@@ -104,3 +104,31 @@ def test_links_between_pages_resolve():
         if "://" not in target and not (page.parent / target).exists()
     ]
     assert not broken, broken
+
+
+# A path in the checkout as the docs, docstrings and comments name one: not part of a
+# longer path (torch/csrc/..., include/crelu_ext/...), ending in a source or page suffix.
+NAMED_FILE = re.compile(
+    r"(?<![\w/.-])(?:benchmarks|crelu_ext|csrc|docs|tests|tools)/[\w./-]*?"
+    r"\.(?:py|md|sh|cpp|cu|cuh|h|txt)\b"
+)
+
+TEXT_SUFFIXES = (".py", ".md", ".sh", ".txt", ".cpp", ".cu", ".cuh", ".h", ".in", ".toml")
+
+
+def test_files_named_in_the_checkout_exist():
+    try:
+        listed = subprocess.run(
+            ["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True
+        ).stdout.split()
+    except (OSError, subprocess.CalledProcessError):
+        pytest.skip("not a git checkout")
+    texts = [name for name in listed if name.endswith(TEXT_SUFFIXES) or not Path(name).suffix]
+    missing = [
+        f"{name}: {path}"
+        for name in texts
+        if (ROOT / name).is_file()
+        for path in NAMED_FILE.findall((ROOT / name).read_text(errors="replace"))
+        if not (ROOT / path).exists()
+    ]
+    assert not missing, missing
