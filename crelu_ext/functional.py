@@ -121,6 +121,12 @@ def _check_name(name: str, origin: str, device: torch.device | None = None) -> N
     )
 
 
+def check_backend_name(backend: str) -> None:
+    """Raises the error ``crelu(x, backend=backend)`` gives a CPU tensor when
+    ``backend`` names no backend; for modules, which learn their device later."""
+    _check_name(backend, "backend", torch.device("cpu"))
+
+
 def set_default_backend(backend: str) -> str:
     """Sets the backend that ``backend="auto"`` means, overriding
     ``$CRELU_EXT_BACKEND``; ``"auto"`` restores the first available one.

@@ -88,6 +88,17 @@ def test_unknown_backend_lists_the_available_ones():
         crelu_ext.crelu(torch.ones(2, 2), 1, backend="cuda")
 
 
+def test_an_unknown_backend_fails_the_module_at_construction():
+    with pytest.raises(ValueError) as functional:
+        crelu_ext.crelu(torch.ones(2, 2), 1, backend="nope")
+    with pytest.raises(ValueError) as module:
+        crelu_ext.CReLU(backend="nope")
+    assert str(module.value) == str(functional.value)
+    assert "unknown backend 'nope'" in str(module.value)
+    for name in ["auto", *crelu_ext.available_backends("cpu"), "triton"]:
+        assert crelu_ext.CReLU(backend=name).backend == name  # known names, available or not
+
+
 def test_unavailable_backend_lists_the_available_ones():
     assert "triton" not in crelu_ext.available_backends("cpu")
     with pytest.raises(
