@@ -185,6 +185,47 @@ print(json.dumps({
     assert filename == "<string>"  # attributed to the caller's line
 
 
+def test_the_fallback_warning_points_at_the_callers_line():
+    # Each call below resolves "auto" afresh with the warning not yet given, so each warns.
+    code = (
+        WITHOUT_COMPILED_PART
+        + """
+import json, warnings, torch, crelu_ext
+
+class Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.act = crelu_ext.CReLU()
+
+    def forward(self, x):
+        return self.act(x)  # net's line
+
+x = torch.randn(2, 3)
+found = {}
+calls = {
+    "function": lambda: crelu_ext.crelu(x, 1),  # function's line
+    "module": lambda: crelu_ext.CReLU()(x),  # module's line
+    "sequential": lambda: torch.nn.Sequential(crelu_ext.CReLU())(x),  # sequential's line
+    "net": lambda: Net()(x),
+}
+for name, call in calls.items():
+    crelu_ext.functional._warned_fallback = False
+    crelu_ext.functional._RESOLVED.clear()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        call()
+    found[name] = [(w.filename, w.lineno) for w in caught if w.category is RuntimeWarning]
+print(json.dumps(found))
+"""
+    )
+    # Without Triton's interpreter, which would make "auto" run triton on the CPU.
+    found = run_python(code, {k: v for k, v in _environment().items() if k != "TRITON_INTERPRET"})
+    lines = code.splitlines()
+    for name, where in found.items():
+        (line,) = [i for i, text in enumerate(lines, 1) if text.endswith(f"# {name}'s line")]
+        assert where == [["<string>", line]], name
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
 def test_no_backend_is_claimed_for_cuda_without_cuda():
     assert crelu_ext.available_backends("cuda") == []
