@@ -109,6 +109,28 @@ def test_tracers_call_the_implementation_and_eager_mode_the_eager_one():
     assert found == {"eager": ["eager", "eager"], "compile": ["traced"], "jit.trace": ["traced"]}
 
 
+def test_the_emulator_is_no_backend_users_see():
+    found = run_python(
+        """
+        import json, crelu_ext
+        import crelu_ext.testing.emulated as emulated
+        imported = crelu_ext.available_backends("cpu")
+        registered = emulated.register_backends()
+        print(json.dumps({
+            "imported": imported,
+            "registered": registered,
+            "available": emulated.AVAILABLE,
+            "after": crelu_ext.available_backends("cpu"),
+        }))
+        """,
+        {k: v for k, v in _environment().items() if k != "TRITON_INTERPRET"},
+    )
+    assert not {"emulated", "emulated64"} & set(found["imported"])
+    # The test suite registers them itself (tests/helpers.py), where the build has them.
+    assert found["registered"] == (["emulated", "emulated64"] if found["available"] else [])
+    assert found["after"] == [*found["imported"][:-1], *found["registered"], "reference"]
+
+
 def test_the_environment_variable_is_read_at_import():
     code = """
         import json, os, torch, crelu_ext
