@@ -81,6 +81,40 @@ print("ok")
     assert result.stdout.strip() == "ok"
 
 
+def test_imports_without_numpy_and_says_nothing_of_it():
+    # numpy is no dependency: an install with torch alone imports and runs without a
+    # word about it (torch 2.14 itself warns "Failed to initialize NumPy" on import).
+    # The path finder stops finding numpy: `import numpy` fails as where it is not
+    # installed, and importlib.util.find_spec answers None.
+    code = """
+import sys
+from importlib.machinery import PathFinder
+
+class WithoutNumpy(PathFinder):
+    @classmethod
+    def find_spec(cls, name, path=None, target=None):
+        if name.partition(".")[0] == "numpy":
+            return None
+        return super().find_spec(name, path, target)
+
+sys.meta_path = [WithoutNumpy if f is PathFinder else f for f in sys.meta_path]
+import crelu_ext, torch
+x = torch.randn(2, 3)
+assert torch.equal(crelu_ext.crelu(x), crelu_ext.CReLU()(x))
+try:
+    import numpy
+except ModuleNotFoundError:
+    print("ok")
+"""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run(
+        [sys.executable, "-W", "default", "-c", code], capture_output=True, text=True, env=env
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok"
+    assert "NumPy" not in result.stderr, result.stderr
+
+
 def test_imports_without_triton():
     code = """
 import sys
