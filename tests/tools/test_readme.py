@@ -1,5 +1,6 @@
 """Every Python example of the README and of docs/ runs as it stands, each in a fresh
-interpreter in an empty folder, so that none leans on another's names or files.
+interpreter in an empty folder, so that none leans on another's names or files, and
+leaves that folder empty.
 
 An example that needs an optional module or a GPU says so in its first line,
 ``# requires: onnx, onnxruntime`` (module names, or ``cuda``); it is skipped only where
@@ -73,6 +74,10 @@ def test_example_runs_on_its_own(code, tmp_path):
         timeout=TIMEOUT_S,
     )
     assert result.returncode == 0, f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+    # Run in a checkout, an example must not leave files there (exports go to a
+    # temporary folder).
+    left = sorted(path.name for path in tmp_path.iterdir())
+    assert not left, f"the example left {left} in the folder it ran in"
 
 
 def test_readme_has_examples():
