@@ -137,3 +137,21 @@ def test_files_named_in_the_checkout_exist():
         if not (ROOT / path).exists()
     ]
     assert not missing, missing
+
+
+def test_each_checkpoint_analyze_reads_is_written_by_a_train_command_before_it():
+    command = re.compile(r"python -m crelu_ext (train|analyze)\b([^\n`]*)")
+    pages = [*PAGES, ROOT / "crelu_ext" / "paper" / "analysis.py"]
+    read = []
+    for page in pages:
+        written = set()
+        for name, flags in command.findall(page.read_text()):
+            path = re.search(r"--checkpoint ([\w./-]+)", flags)
+            if path is None:
+                continue
+            if name == "train":
+                written.add(path.group(1))
+            else:
+                read.append(path.group(1))
+                assert path.group(1) in written, f"{page.name}: no train writes {path.group(1)}"
+    assert read  # the check found the pages' analyze commands
