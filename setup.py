@@ -38,6 +38,7 @@ MIN_CMAKE = Version("3.22")
 SETUPTOOLS_WITH_BDIST_WHEEL = Version("70.1")  # before it, the wheel package's
 SETUPTOOLS_WITH_PEP639 = Version("77")
 LICENSE = "BSD-3-Clause"
+LICENSE_FILE = "LICENSE"
 SETUPTOOLS = Version(setuptools.__version__)
 
 
@@ -96,10 +97,12 @@ def check_build_requirements(cmake: str) -> None:
 
 def license_metadata():
     """The license, in the form this setuptools takes: an SPDX expression from
-    77 on (PEP 639), the older License field before (a fresh venv has 65.5)."""
+    77 on (PEP 639), the older License field before (a fresh venv has 65.5);
+    its text, LICENSE, goes into the wheel's metadata (and, by MANIFEST.in, the
+    sdist) with either."""
     if SETUPTOOLS >= SETUPTOOLS_WITH_PEP639:
-        return {"license_expression": LICENSE}
-    return {"license": LICENSE}
+        return {"license_expression": LICENSE, "license_files": [LICENSE_FILE]}
+    return {"license": LICENSE, "license_files": [LICENSE_FILE]}
 
 
 def env_switch(name: str, on: str, off: str, unset: str) -> str:

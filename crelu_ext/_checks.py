@@ -11,6 +11,11 @@ def check_input(x: torch.Tensor, dim: int, op: str = "crelu") -> int:
     take; returns ``dim`` wrapped to ``[0, x.dim())``."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"crelu_ext.{op}: expected a torch.Tensor, got {type(x).__name__}")
+    if x.layout != torch.strided:  # sparse (COO, CSR, ...) or mkldnn
+        raise TypeError(
+            f"crelu_ext.{op}: expected a dense (strided) tensor, got layout {x.layout}; "
+            "convert it with .to_dense()"
+        )
     if x.dtype not in FLOAT_DTYPES:
         raise TypeError(
             f"crelu_ext.{op}: expected a float16, bfloat16, float32 or float64 tensor, "

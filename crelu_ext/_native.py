@@ -6,6 +6,7 @@ the schemas that csrc/ops.cpp defines; autograd is registered in C++
 import importlib
 import sys
 from pathlib import Path
+from typing import Any, NoReturn
 
 import torch
 
@@ -76,10 +77,9 @@ def crelu(x: torch.Tensor, dim: int) -> torch.Tensor:
     autograd, writes the mask that the backward needs (csrc/autograd.cpp)."""
     try:
         return torch.ops.crelu_ext.crelu.default(x, dim, False)[0]
-    except (TypeError, RuntimeError):
-        # The Python API's message for a non-tensor, a non-int dim or a dtype.
-        check_input(x, dim)
-        raise
+    except (TypeError, RuntimeError) as error:
+        # The Python API's message for a non-tensor, a non-int dim, a dtype or a layout.
+        _raise_python_error(x, dim, error)
 
 
 def eager_crelu(x: torch.Tensor, dim: int) -> torch.Tensor:
@@ -89,10 +89,20 @@ def eager_crelu(x: torch.Tensor, dim: int) -> torch.Tensor:
     if type(x) is torch.Tensor and type(dim) is int:
         try:
             return _C.crelu(x, dim)
-        except (TypeError, RuntimeError):
-            check_input(x, dim)  # the Python API's message for a dtype
-            raise
+        except (TypeError, RuntimeError) as error:
+            _raise_python_error(x, dim, error)  # for a dtype, a layout
     return crelu(x, dim)
+
+
+def _raise_python_error(x: Any, dim: Any, error: Exception) -> NoReturn:
+    """Raises :func:`check_input`'s error for what the op refused, alone (the
+    dispatcher's error for a sparse tensor, say, is long and names no fix); else
+    ``error``. Runs only once the op has failed."""
+    try:
+        check_input(x, dim)
+    except (TypeError, RuntimeError, IndexError) as clear:
+        raise clear from None
+    raise error
 
 
 def _fake_crelu(x, dim, save_mask):

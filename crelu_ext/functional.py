@@ -12,6 +12,7 @@ at run time.
 """
 
 import os
+import sys
 import warnings
 from collections.abc import Callable
 from typing import NamedTuple
@@ -121,6 +122,12 @@ def _check_name(name: str, origin: str, device: torch.device | None = None) -> N
     )
 
 
+def check_backend_name(backend: str) -> None:
+    """Raises the error ``crelu(x, backend=backend)`` gives a CPU tensor when
+    ``backend`` names no backend; for modules, which learn their device later."""
+    _check_name(backend, "backend", torch.device("cpu"))
+
+
 def set_default_backend(backend: str) -> str:
     """Sets the backend that ``backend="auto"`` means, overriding
     ``$CRELU_EXT_BACKEND``; ``"auto"`` restores the first available one.
@@ -132,6 +139,30 @@ def set_default_backend(backend: str) -> str:
     return previous
 
 
+# Where the op's calls pass on their way in: this package's own modules (not
+# its subpackages, whose commands are callers), the forwards that crelu_ext.fuse
+# generates, and torch.nn's module calls (Module.__call__, Sequential, ...).
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+_TORCH_MODULES_DIR = os.path.dirname(os.path.abspath(torch.nn.Module.__call__.__code__.co_filename))
+_FUSED_FORWARD_PREFIX = "<crelu_ext.fuse "
+
+
+def _caller_stacklevel() -> int:
+    """``warnings.warn``'s stacklevel, from the function that calls this one, of
+    the first frame outside the op's way in: the user's line, whether it called
+    ``crelu``, a ``CReLU``, a model holding one or a fused model."""
+    frame, level = sys._getframe(1), 1
+    while frame.f_back is not None:
+        filename = frame.f_code.co_filename
+        inside = filename.startswith(_FUSED_FORWARD_PREFIX) or os.path.dirname(
+            os.path.abspath(filename)
+        ) in (_PACKAGE_DIR, _TORCH_MODULES_DIR)
+        if not inside:
+            break
+        frame, level = frame.f_back, level + 1
+    return level
+
+
 def _warn_fallback() -> None:
     global _warned_fallback
     if not _warned_fallback:
@@ -140,7 +171,7 @@ def _warn_fallback() -> None:
             "crelu_ext.crelu: running the reference composition (four kernels, two saved "
             f"activations) on CPU, as {_native.native_unavailable_reason()}",
             RuntimeWarning,
-            stacklevel=6,  # crelu's caller, past select_backend, _resolve and eager_crelu
+            stacklevel=_caller_stacklevel(),
         )
 
 

@@ -2,7 +2,7 @@
 
 import torch
 
-from .functional import DEFAULT_DIM, eager_crelu
+from .functional import DEFAULT_DIM, check_backend_name, eager_crelu
 from .recompute import track
 
 
@@ -11,13 +11,13 @@ class CReLU(torch.nn.Module):
 
     Doubles the size of ``dim``; see :func:`crelu_ext.crelu`. An input with no
     dim 1, the default, gets an IndexError that says so. Scripted with
-    ``torch.jit.script``, it runs the native op whatever its ``backend``.
+    ``torch.jit.script``, it runs the native op whatever its ``backend``. An
+    unknown ``backend`` fails here, with the error ``crelu`` gives for it.
     """
-
-    DEFAULT_DIM = DEFAULT_DIM
 
     def __init__(self, dim: int = DEFAULT_DIM, backend: str = "auto") -> None:
         super().__init__()
+        check_backend_name(backend)
         self.dim = dim
         self.backend = backend
 

@@ -3,7 +3,8 @@
 # untracked files, ignored ones left out), a wheel built from it without the
 # emulator (CRELU_EXT_TESTING unset) and, to keep it quick, without CUDA,
 # installed into a fresh venv that sees PYTHON's torch, and imported from a
-# folder outside the checkout. `make release-check` runs it.
+# folder outside the checkout; the LICENSE must ship in the sdist and the wheel.
+# `make release-check` runs it.
 #
 #   PYTHON=.venv/bin/python JOBS=2 bash tools/release_check.sh
 set -euo pipefail
@@ -22,6 +23,29 @@ env -u CRELU_EXT_TESTING CRELU_EXT_CUDA=0 MAX_JOBS="${JOBS:-2}" \
   "$PYTHON" -m pip wheel --quiet --no-build-isolation --no-deps "$sdist" -w "$tmp/dist"
 wheel=$(ls "$tmp"/dist/*.whl)
 echo "release-check: built $(basename "$wheel")"
+
+# The license's text ships in both: at the sdist's top, in the wheel's metadata
+# (.dist-info/licenses/ from setuptools 77 on, .dist-info/ before).
+"$PYTHON" - "$sdist" "$wheel" <<'EOF'
+import re
+import sys
+import tarfile
+import zipfile
+from pathlib import Path
+
+text = Path("LICENSE").read_bytes()
+sdist, wheel = sys.argv[1:]
+with tarfile.open(sdist) as archive:
+    found = [m.name for m in archive.getmembers() if re.fullmatch(r"[^/]+/LICENSE", m.name)]
+    assert found, f"{sdist} has no LICENSE"
+    assert archive.extractfile(found[0]).read() == text, f"{sdist}: LICENSE differs"
+with zipfile.ZipFile(wheel) as archive:
+    pattern = r"[^/]+\.dist-info/(licenses/)?LICENSE"
+    found = [name for name in archive.namelist() if re.fullmatch(pattern, name)]
+    assert found, f"{wheel} has no LICENSE in its .dist-info"
+    assert archive.read(found[0]) == text, f"{wheel}: LICENSE differs"
+print(f"release-check: LICENSE in the sdist and in the wheel ({found[0]})")
+EOF
 
 # A venv of its own, seeing PYTHON's site-packages (torch) after its own.
 "$PYTHON" -m venv --without-pip "$tmp/venv"

@@ -1,5 +1,6 @@
 """``python -m crelu_ext analyze``: the CReLU paper's analyses of a trained network.
 
+    python -m crelu_ext train --activation crelu --width 0.25 --epochs 5 --checkpoint run.pt
     python -m crelu_ext analyze --checkpoint run.pt --out analysis/
     python -m crelu_ext analyze --activation crelu --width 0.25 --epochs 5 --out analysis/
 

@@ -16,11 +16,13 @@ by :class:`CifarUnpickler`, which builds only what the official files hold.
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    import numpy as np  # imported where used: `python -m crelu_ext train --help` needs none
 
 DATASETS = ("digits", "cifar10", "cifar100")
 
@@ -69,6 +71,7 @@ def load_dataset(name: str, data_dir: str | Path | None = None) -> ImageDataset:
 
 
 def load_digits() -> ImageDataset:
+    import numpy as np
     from sklearn.datasets import load_digits as sklearn_digits
     from sklearn.model_selection import train_test_split
 
@@ -147,7 +150,9 @@ class CifarUnpickler(pickle.Unpickler):
         raise UnsafePickle(f"it names {module}.{name}")
 
 
-def _numeric_dtype(*args: Any) -> np.dtype:
+def _numeric_dtype(*args: Any) -> "np.dtype":
+    import numpy as np
+
     dtype = np.dtype(*args)
     if dtype.kind not in "biuf":
         raise UnsafePickle(f"it holds a numpy array of {dtype}, not of numbers")
@@ -157,9 +162,11 @@ def _numeric_dtype(*args: Any) -> np.dtype:
 _NDARRAY = "numpy.ndarray"
 
 
-def _reconstruct_array(subtype: Any, shape: Any, dtype: Any) -> np.ndarray:
+def _reconstruct_array(subtype: Any, shape: Any, dtype: Any) -> "np.ndarray":
     """numpy's ``_reconstruct`` (an empty array that the pickle then fills), for plain
     arrays of numbers only."""
+    import numpy as np
+
     if subtype is not _NDARRAY:
         raise UnsafePickle(f"it reconstructs an array of type {subtype!r}")
     return np.ndarray.__new__(np.ndarray, shape, _numeric_dtype(dtype))
@@ -168,6 +175,8 @@ def _reconstruct_array(subtype: Any, shape: Any, dtype: Any) -> np.ndarray:
 def _check_plain(value: Any) -> None:
     """Raises :class:`UnsafePickle` unless ``value`` is plain data and arrays of numbers
     (a dtype's pickled state could still have turned it into something else)."""
+    import numpy as np
+
     if isinstance(value, dict):
         for key, item in value.items():
             _check_plain(key)
@@ -184,6 +193,8 @@ def _check_plain(value: Any) -> None:
 
 def _read_cifar_file(path: Path, label_key: bytes) -> tuple[torch.Tensor, torch.Tensor]:
     """One pickled batch: ``data`` is uint8 (N, 3072), each row R, G, B planes of 32x32."""
+    import numpy as np
+
     try:
         with open(path, "rb") as file:
             batch = CifarUnpickler(file, encoding="bytes").load()

@@ -1,5 +1,7 @@
-"""The CUDA kernels run on the host, for tests: the private backends
-``emulated`` and ``emulated64``.
+"""The CUDA kernels run on the host, for tests: :func:`crelu`, and the backends
+``emulated`` and ``emulated64`` that the test suite registers with
+:func:`register_backends` (importing this module registers nothing, so users
+never see them in ``crelu_ext.available_backends()``).
 
 csrc/cuda/crelu_kernels.cuh compiles each kernel's per-thread body for host and
 device. The grid emulator (csrc/testing/crelu_emulator.cu) runs, on CPU
@@ -83,7 +85,20 @@ def _on_cpu(device: torch.device) -> bool:
     return device.type == "cpu"
 
 
+def register_backends() -> list[str]:
+    """Makes ``crelu_ext.crelu(x, dim, backend="emulated")`` (and ``"emulated64"``,
+    64-bit offsets forced) run the emulated CUDA kernels on CPU tensors, for the
+    test suite's backend-parametrized tests; returns the names registered, none
+    where the build has no emulator."""
+    if not AVAILABLE:
+        return []
+    names = []
+    for bits, prefix in OP_PREFIXES.items():
+        name = prefix.rstrip("_")  # emulated, emulated64
+        register_backend(name, functools.partial(crelu, index_bits=bits), _on_cpu)
+        names.append(name)
+    return names
+
+
 if AVAILABLE:
     _register()
-    register_backend("emulated", functools.partial(crelu, index_bits=None), _on_cpu)
-    register_backend("emulated64", functools.partial(crelu, index_bits=64), _on_cpu)

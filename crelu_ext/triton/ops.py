@@ -10,7 +10,7 @@ written by one program. The program divides once to find its first row; its
 elements find theirs with a multiply-high, as the CUDA kernels' IntDivider
 does. When rows are whole 16-byte vectors and the pointers are aligned (the
 CUDA launcher's condition), hints let every access be 128 bits wide.
-benchmarks/codegen_check.py checks the generated code without a GPU.
+tools/codegen_check.py checks the generated code without a GPU.
 
 Two traps of writing this in Triton: ``tl.maximum`` drops NaN, so relu is a
 ``tl.where`` on a comparison (false for NaN); and unary minus lowers to

@@ -109,6 +109,28 @@ def test_tracers_call_the_implementation_and_eager_mode_the_eager_one():
     assert found == {"eager": ["eager", "eager"], "compile": ["traced"], "jit.trace": ["traced"]}
 
 
+def test_the_emulator_is_no_backend_users_see():
+    found = run_python(
+        """
+        import json, crelu_ext
+        import crelu_ext.testing.emulated as emulated
+        imported = crelu_ext.available_backends("cpu")
+        registered = emulated.register_backends()
+        print(json.dumps({
+            "imported": imported,
+            "registered": registered,
+            "available": emulated.AVAILABLE,
+            "after": crelu_ext.available_backends("cpu"),
+        }))
+        """,
+        {k: v for k, v in _environment().items() if k != "TRITON_INTERPRET"},
+    )
+    assert not {"emulated", "emulated64"} & set(found["imported"])
+    # The test suite registers them itself (tests/helpers.py), where the build has them.
+    assert found["registered"] == (["emulated", "emulated64"] if found["available"] else [])
+    assert found["after"] == [*found["imported"][:-1], *found["registered"], "reference"]
+
+
 def test_the_environment_variable_is_read_at_import():
     code = """
         import json, os, torch, crelu_ext
@@ -183,6 +205,47 @@ print(json.dumps({
     assert message.startswith("crelu_ext.crelu: running the reference composition")
     assert "has no compiled part (crelu_ext._C)" in message
     assert filename == "<string>"  # attributed to the caller's line
+
+
+def test_the_fallback_warning_points_at_the_callers_line():
+    # Each call below resolves "auto" afresh with the warning not yet given, so each warns.
+    code = (
+        WITHOUT_COMPILED_PART
+        + """
+import json, warnings, torch, crelu_ext
+
+class Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.act = crelu_ext.CReLU()
+
+    def forward(self, x):
+        return self.act(x)  # net's line
+
+x = torch.randn(2, 3)
+found = {}
+calls = {
+    "function": lambda: crelu_ext.crelu(x, 1),  # function's line
+    "module": lambda: crelu_ext.CReLU()(x),  # module's line
+    "sequential": lambda: torch.nn.Sequential(crelu_ext.CReLU())(x),  # sequential's line
+    "net": lambda: Net()(x),
+}
+for name, call in calls.items():
+    crelu_ext.functional._warned_fallback = False
+    crelu_ext.functional._RESOLVED.clear()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        call()
+    found[name] = [(w.filename, w.lineno) for w in caught if w.category is RuntimeWarning]
+print(json.dumps(found))
+"""
+    )
+    # Without Triton's interpreter, which would make "auto" run triton on the CPU.
+    found = run_python(code, {k: v for k, v in _environment().items() if k != "TRITON_INTERPRET"})
+    lines = code.splitlines()
+    for name, where in found.items():
+        (line,) = [i for i, text in enumerate(lines, 1) if text.endswith(f"# {name}'s line")]
+        assert where == [["<string>", line]], name
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")

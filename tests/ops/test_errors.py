@@ -22,6 +22,37 @@ def test_zero_dim_tensor_raises(backend_device):
         crelu_ext.crelu(torch.tensor(1.0, device=device), 0, backend=backend)
 
 
+def _unsupported_layouts(device: str) -> list:
+    layouts = [
+        ("sparse_coo", lambda x: x.to_sparse()),
+        ("sparse_csr", lambda x: x.to_sparse_csr()),
+        ("sparse_csc", lambda x: x.to_sparse_csc()),
+    ]
+    if device == "cpu" and torch.backends.mkldnn.is_available():
+        layouts.append(("_mkldnn", lambda x: x.to_mkldnn()))
+    return layouts
+
+
+@pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta state:UserWarning")
+@pytest.mark.parametrize("call", ["functional", "module"])
+def test_layouts_other_than_strided_raise_one_clear_error(backend_device, call):
+    backend, device = backend_device
+    for name, convert in _unsupported_layouts(device):
+        x = convert(torch.randn(3, 4, device=device))
+        with pytest.raises(TypeError) as error:
+            if call == "module":
+                crelu_ext.CReLU(backend=backend)(x)
+            else:
+                crelu_ext.crelu(x, 1, backend=backend)
+        assert str(error.value) == (
+            f"crelu_ext.crelu: expected a dense (strided) tensor, got layout torch.{name}; "
+            "convert it with .to_dense()"
+        )
+        # Alone: not shown after the dispatcher's long error for the layout.
+        assert error.value.__cause__ is None
+        assert error.value.__context__ is None or error.value.__suppress_context__
+
+
 @pytest.mark.parametrize("dim", [2, -3, 100])
 def test_dim_out_of_range_raises_index_error(backend_device, dim):
     backend, device = backend_device
@@ -86,6 +117,17 @@ def test_unknown_backend_lists_the_available_ones():
         ValueError, match=r"unknown backend 'cuda'.*available on cpu: \[.*'reference'\]"
     ):
         crelu_ext.crelu(torch.ones(2, 2), 1, backend="cuda")
+
+
+def test_an_unknown_backend_fails_the_module_at_construction():
+    with pytest.raises(ValueError) as functional:
+        crelu_ext.crelu(torch.ones(2, 2), 1, backend="nope")
+    with pytest.raises(ValueError) as module:
+        crelu_ext.CReLU(backend="nope")
+    assert str(module.value) == str(functional.value)
+    assert "unknown backend 'nope'" in str(module.value)
+    for name in ["auto", *crelu_ext.available_backends("cpu"), "triton"]:
+        assert crelu_ext.CReLU(backend=name).backend == name  # known names, available or not
 
 
 def test_unavailable_backend_lists_the_available_ones():

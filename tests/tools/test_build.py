@@ -6,6 +6,7 @@ import shutil
 import subprocess
 import sys
 import sysconfig
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -81,6 +82,40 @@ print("ok")
     assert result.stdout.strip() == "ok"
 
 
+def test_imports_without_numpy_and_says_nothing_of_it():
+    # numpy is no dependency: an install with torch alone imports and runs without a
+    # word about it (torch 2.14 itself warns "Failed to initialize NumPy" on import).
+    # The path finder stops finding numpy: `import numpy` fails as where it is not
+    # installed, and importlib.util.find_spec answers None.
+    code = """
+import sys
+from importlib.machinery import PathFinder
+
+class WithoutNumpy(PathFinder):
+    @classmethod
+    def find_spec(cls, name, path=None, target=None):
+        if name.partition(".")[0] == "numpy":
+            return None
+        return super().find_spec(name, path, target)
+
+sys.meta_path = [WithoutNumpy if f is PathFinder else f for f in sys.meta_path]
+import crelu_ext, torch
+x = torch.randn(2, 3)
+assert torch.equal(crelu_ext.crelu(x), crelu_ext.CReLU()(x))
+try:
+    import numpy
+except ModuleNotFoundError:
+    print("ok")
+"""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run(
+        [sys.executable, "-W", "default", "-c", code], capture_output=True, text=True, env=env
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok"
+    assert "NumPy" not in result.stderr, result.stderr
+
+
 def test_imports_without_triton():
     code = """
 import sys
@@ -148,3 +183,43 @@ def test_missing_compiled_part_says_how_to_fix_it(tmp_path, installed_build):
     installed_in_venv = not (Path(crelu_ext.__file__).parents[1] / "pyproject.toml").exists()
     assert "outside the checkout" in message
     assert ("installed at" in message) == (installed_build or installed_in_venv), message
+
+
+def test_the_license_ships_in_the_sdist_and_the_wheels_metadata(tmp_path):
+    # What tools/release_check.sh checks of the built wheel, without compiling: the
+    # sdist, and the .dist-info that setuptools puts in the wheel.
+    root = Path(__file__).resolve().parents[2]
+    try:
+        files = subprocess.run(
+            ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+            cwd=root, capture_output=True, text=True, check=True,
+        ).stdout.split()  # fmt: skip
+    except (OSError, subprocess.CalledProcessError):
+        pytest.skip("not a git checkout")
+    source = tmp_path / "src"
+    for name in files:
+        if (root / name).is_file():
+            (source / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(root / name, source / name)
+    code = """
+import sys
+from setuptools import build_meta
+out = sys.argv[1]  # build_meta rewrites sys.argv
+names = build_meta.build_sdist(out), build_meta.prepare_metadata_for_build_wheel(out)
+print(*names)
+"""
+    out = tmp_path / "out"
+    out.mkdir()
+    result = subprocess.run(
+        [sys.executable, "-c", code, str(out)], cwd=source, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    sdist, dist_info = result.stdout.splitlines()[-1].split()
+    text = (root / "LICENSE").read_text()
+    assert "BSD 3-Clause License" in text and "the crelu_ext authors" in text
+    with tarfile.open(out / sdist) as archive:
+        assert (
+            archive.extractfile(f"{sdist.removesuffix('.tar.gz')}/LICENSE").read().decode() == text
+        )
+    licenses = [out / dist_info / "licenses" / "LICENSE", out / dist_info / "LICENSE"]
+    assert any(path.is_file() and path.read_text() == text for path in licenses), licenses

@@ -14,23 +14,44 @@ import pytest
 import torch
 
 import crelu_ext
+from crelu_ext import __main__ as cli
 from crelu_ext.paper import analysis, train
 
-# Runs `python -m crelu_ext ...` in a Python where the extras' modules cannot be imported,
-# as after a plain `pip install .`: a None in sys.modules makes `import` raise
-# ModuleNotFoundError and importlib.util.find_spec answer None, as for a missing module.
-WITHOUT_EXTRAS = """
-import runpy, sys
+# The modules of every extra (pyproject.toml: bench, paper), as the CLI names them.
+EXTRAS_MODULES = ("numpy", "sklearn", "matplotlib", "tqdm", "pytest_benchmark")
 
-sys.modules.update(dict.fromkeys(["tqdm", "sklearn", "matplotlib"]))
-sys.argv = ["crelu_ext", *sys.argv[1:]]
+# Runs `python -m crelu_ext ...` in a Python where the modules named in its first
+# argument cannot be imported, as after a plain `pip install .` of a torch-only
+# environment: the path finder stops finding them, so `import` raises the
+# ModuleNotFoundError of a missing module and importlib.util.find_spec answers None.
+WITHOUT_MODULES = """
+import runpy, sys
+from importlib.machinery import PathFinder
+
+hidden = set(sys.argv[1].split(","))
+
+
+class WithoutHidden(PathFinder):
+    @classmethod
+    def find_spec(cls, name, path=None, target=None):
+        if name.partition(".")[0] in hidden:
+            return None
+        return super().find_spec(name, path, target)
+
+
+sys.meta_path = [WithoutHidden if f is PathFinder else f for f in sys.meta_path]
+sys.argv = ["crelu_ext", *sys.argv[2:]]
 runpy.run_module("crelu_ext", run_name="__main__")
 """
 
 
-def run_without_extras(*arguments: str, cwd=None) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-c", WITHOUT_EXTRAS, *arguments]
+def run_without(modules, *arguments: str, cwd=None) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-c", WITHOUT_MODULES, ",".join(modules), *arguments]
     return subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=cwd)
+
+
+def run_without_extras(*arguments: str, cwd=None) -> subprocess.CompletedProcess:
+    return run_without(EXTRAS_MODULES, *arguments, cwd=cwd)
 
 
 @pytest.mark.parametrize("command", ["train", "analyze", "bench"])
@@ -38,6 +59,28 @@ def test_help_works_without_the_extras(command):
     result = run_without_extras(command, "--help")
     assert result.returncode == 0, result.stderr[-2000:]
     assert f"python -m crelu_ext {command}" in result.stdout
+    assert result.stderr == ""  # not even torch's warning of a missing numpy
+
+
+def test_the_extras_modules_are_hidden_as_if_not_installed():
+    # The control for the tests that hide them: each is installed here and hidden there.
+    code = """
+import importlib.util, json
+found = {}
+for name in hidden:
+    try:
+        __import__(name)
+    except ModuleNotFoundError as error:
+        found[name] = [str(error), importlib.util.find_spec(name)]
+print(json.dumps(found))
+"""
+    code = WITHOUT_MODULES.replace('runpy.run_module("crelu_ext", run_name="__main__")', code)
+    command = [sys.executable, "-c", code, ",".join(EXTRAS_MODULES)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == {
+        name: [f"No module named {name!r}", None] for name in EXTRAS_MODULES
+    }
 
 
 def test_help_lists_each_command_with_what_it_does():
@@ -58,18 +101,28 @@ def test_help_lists_each_command_with_what_it_does():
     assert unknown.stderr.strip().endswith("error: unknown command 'fit'")
 
 
+# (hidden modules, command line, the module the hint names, its extra): every extra's
+# module hidden, then each that a command reaches first when the others are there.
+TRAIN = ["train", "--width", "0.125", "--steps", "1"]
+ANALYZE = ["analyze", "--width", "0.125", "--steps", "1", "--out", "{tmp}"]
+BENCH = ["bench", "--device", "cpu", "--shape", "2,8,4,4", "--reps", "1", "--no-save"]
 MISSING_EXTRA_CASES = [
-    (["train", "--width", "0.125", "--steps", "1"], "sklearn", "paper"),
-    (["analyze", "--width", "0.125", "--steps", "1", "--out", "{tmp}"], "sklearn", "paper"),
+    pytest.param(EXTRAS_MODULES, TRAIN, "numpy", "paper", id="train"),
+    pytest.param(["sklearn"], TRAIN, "sklearn", "paper", id="train-sklearn"),
+    pytest.param(["tqdm"], TRAIN, "tqdm", "paper", id="train-tqdm"),
+    pytest.param(EXTRAS_MODULES, ANALYZE, "numpy", "paper", id="analyze"),
+    # Before it trains, not after.
+    pytest.param(["matplotlib"], ANALYZE, "matplotlib", "paper", id="analyze-matplotlib"),
+    pytest.param(EXTRAS_MODULES, BENCH, "tqdm", "bench", id="bench"),
 ]
 
 
-@pytest.mark.parametrize(("arguments", "module", "extra"), MISSING_EXTRA_CASES)
-def test_a_missing_extra_is_one_line_naming_it(tmp_path, arguments, module, extra):
+@pytest.mark.parametrize(("hidden", "arguments", "module", "extra"), MISSING_EXTRA_CASES)
+def test_a_missing_extra_is_one_line_naming_it(tmp_path, hidden, arguments, module, extra):
     # Run from this source checkout: the package folder has a pyproject.toml beside it.
     checkout = Path(crelu_ext.__file__).resolve().parent.parent
     assert (checkout / "pyproject.toml").is_file()
-    result = run_without_extras(*(a.format(tmp=tmp_path) for a in arguments))
+    result = run_without(hidden, *(a.format(tmp=tmp_path) for a in arguments))
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [
         f"python -m crelu_ext {arguments[0]} needs {module}, which is not installed: "
@@ -89,9 +142,25 @@ def test_a_missing_extra_of_an_installed_package_names_the_distribution(tmp_path
     result = run_without_extras("train", "--width", "0.125", "--steps", "1", cwd=site)
     assert result.returncode == 1, result.stderr[-2000:]
     assert result.stderr.strip().splitlines() == [
-        "python -m crelu_ext train needs sklearn, which is not installed: "
+        "python -m crelu_ext train needs numpy, which is not installed: "
         'pip install "crelu_ext[paper]"'
     ]
+
+
+def test_an_extra_imported_with_the_commands_module_still_gets_the_hint(
+    tmp_path, monkeypatch, capsys
+):
+    # The commands' modules import no extra when imported (the --help tests keep it so);
+    # one that did would still end in the hint, not in a traceback.
+    (tmp_path / "eager_command.py").write_text("import sklearn\n\ndef main(argv): pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setitem(sys.modules, "sklearn", None)
+    monkeypatch.setitem(cli.COMMANDS, "eager", ("eager_command", "paper", "a test command"))
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["eager"])
+    assert str(exit_.value).startswith(
+        "python -m crelu_ext eager needs sklearn, which is not installed: pip install"
+    )
 
 
 class Payload:

@@ -1,5 +1,6 @@
 """Every Python example of the README and of docs/ runs as it stands, each in a fresh
-interpreter in an empty folder, so that none leans on another's names or files.
+interpreter in an empty folder, so that none leans on another's names or files, and
+leaves that folder empty.
 
 An example that needs an optional module or a GPU says so in its first line,
 ``# requires: onnx, onnxruntime`` (module names, or ``cuda``); it is skipped only where
@@ -73,6 +74,10 @@ def test_example_runs_on_its_own(code, tmp_path):
         timeout=TIMEOUT_S,
     )
     assert result.returncode == 0, f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+    # Run in a checkout, an example must not leave files there (exports go to a
+    # temporary folder).
+    left = sorted(path.name for path in tmp_path.iterdir())
+    assert not left, f"the example left {left} in the folder it ran in"
 
 
 def test_readme_has_examples():
@@ -104,3 +109,49 @@ def test_links_between_pages_resolve():
         if "://" not in target and not (page.parent / target).exists()
     ]
     assert not broken, broken
+
+
+# A path in the checkout as the docs, docstrings and comments name one: not part of a
+# longer path (torch/csrc/..., include/crelu_ext/...), ending in a source or page suffix.
+NAMED_FILE = re.compile(
+    r"(?<![\w/.-])(?:benchmarks|crelu_ext|csrc|docs|tests|tools)/[\w./-]*?"
+    r"\.(?:py|md|sh|cpp|cu|cuh|h|txt)\b"
+)
+
+TEXT_SUFFIXES = (".py", ".md", ".sh", ".txt", ".cpp", ".cu", ".cuh", ".h", ".in", ".toml")
+
+
+def test_files_named_in_the_checkout_exist():
+    try:
+        listed = subprocess.run(
+            ["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True
+        ).stdout.split()
+    except (OSError, subprocess.CalledProcessError):
+        pytest.skip("not a git checkout")
+    texts = [name for name in listed if name.endswith(TEXT_SUFFIXES) or not Path(name).suffix]
+    missing = [
+        f"{name}: {path}"
+        for name in texts
+        if (ROOT / name).is_file()
+        for path in NAMED_FILE.findall((ROOT / name).read_text(errors="replace"))
+        if not (ROOT / path).exists()
+    ]
+    assert not missing, missing
+
+
+def test_each_checkpoint_analyze_reads_is_written_by_a_train_command_before_it():
+    command = re.compile(r"python -m crelu_ext (train|analyze)\b([^\n`]*)")
+    pages = [*PAGES, ROOT / "crelu_ext" / "paper" / "analysis.py"]
+    read = []
+    for page in pages:
+        written = set()
+        for name, flags in command.findall(page.read_text()):
+            path = re.search(r"--checkpoint ([\w./-]+)", flags)
+            if path is None:
+                continue
+            if name == "train":
+                written.add(path.group(1))
+            else:
+                read.append(path.group(1))
+                assert path.group(1) in written, f"{page.name}: no train writes {path.group(1)}"
+    assert read  # the check found the pages' analyze commands
