@@ -82,7 +82,7 @@ def crelu(x: torch.Tensor, dim: int) -> torch.Tensor:
         _raise_python_error(x, dim, error)
 
 
-def eager_crelu(x: torch.Tensor, dim: int) -> torch.Tensor:
+def crelu_through_binding(x: torch.Tensor, dim: int) -> torch.Tensor:
     """The same op outside tracers, through _C.crelu, which skips torch.ops'
     per-call argument parsing; tensor subclasses (whose __torch_function__ or
     __torch_dispatch__ must see torch.ops) and non-int dims take torch.ops."""

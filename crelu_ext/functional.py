@@ -232,10 +232,13 @@ def crelu(x: torch.Tensor, dim: int = 1, backend: str = "auto") -> torch.Tensor:
     in :func:`available_backends`."""
     if torch.jit.is_scripting():  # TorchScript compiles this branch alone
         return torch.ops.crelu_ext.crelu(x, dim, False)[0]
-    return eager_crelu(x, dim, backend)
+    return call_backend(x, dim, backend)
 
 
-def eager_crelu(x: torch.Tensor, dim: int, backend: str) -> torch.Tensor:
+def call_backend(x: torch.Tensor, dim: int, backend: str) -> torch.Tensor:
+    """What ``crelu`` and ``CReLU`` run outside TorchScript: the backend that
+    ``backend`` resolves to for ``x``'s device, its eager implementation in
+    eager mode and its traced one under a tracer."""
     # The one check for every tracer: torch.compile and torch.export (strict or
     # not) set is_compiling, torch.jit.trace is_tracing, and both ONNX
     # exporters run the model under one of them.
@@ -256,7 +259,10 @@ def eager_crelu(x: torch.Tensor, dim: int, backend: str) -> torch.Tensor:
 
 
 register_backend(
-    "native", _native.crelu, _native.native_available, eager_implementation=_native.eager_crelu
+    "native",
+    _native.crelu,
+    _native.native_available,
+    eager_implementation=_native.crelu_through_binding,
 )
 register_backend("triton", triton_backend.crelu, triton_backend.triton_available)
 register_backend("reference", reference.crelu, lambda device: True)

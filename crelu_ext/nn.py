@@ -2,7 +2,7 @@
 
 import torch
 
-from .functional import DEFAULT_DIM, check_backend_name, eager_crelu
+from .functional import DEFAULT_DIM, call_backend, check_backend_name
 from .recompute import track
 
 
@@ -26,7 +26,7 @@ class CReLU(torch.nn.Module):
             return torch.ops.crelu_ext.crelu(x, self.dim, False)[0]
         # TorchScript compiles none of what follows. Inside crelu_ext.recompute(),
         # the output is recorded for its pack hook.
-        return track(x, self.dim, eager_crelu(x, self.dim, self.backend))
+        return track(x, self.dim, call_backend(x, self.dim, self.backend))
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, backend={self.backend!r}"

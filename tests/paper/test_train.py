@@ -51,7 +51,7 @@ def test_parity_check_reports_the_first_difference(tmp_path):
             "native",
             _native.crelu,
             _native.native_available,
-            eager_implementation=_native.eager_crelu,
+            eager_implementation=_native.crelu_through_binding,
         )
 
 
