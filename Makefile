@@ -88,9 +88,11 @@ test-all: lint cmake-test test gpu-check-dry-run codegen-check test-oldest
 bench: $(BUILT)
 	$(PYTHON) -m crelu_ext bench
 
-# On a GPU machine with torch installed (no venv, no network): build, CUDA
-# parity, benchmarks, compute-sanitizer, the full suite, within 8 minutes; see
-# the script. The dry run runs every step's command on the CPU (CI does).
+# On a GPU machine with torch installed (no venv, no network): the test build
+# (emulator included), CUDA parity, the emulator against the GPU, benchmarks,
+# compute-sanitizer, the full suite, within 8 minutes, results in build/gpu_check;
+# without a GPU it stops at once, saying why. See the script. The dry run runs
+# every step's command on the CPU (CI does).
 gpu-check:
 	bash tools/gpu_check.sh
 
@@ -109,7 +111,8 @@ cmake-test: $(BUILT)
 
 # A release wheel (no emulator; CPU kernels only, to keep it quick) built from
 # an sdist of the checkout, installed in a fresh venv and imported from outside
-# the checkout: torch is its only dependency and no test op is registered.
+# the checkout: torch is its only dependency, no test op is registered, and the
+# LICENSE ships in both.
 release-check: $(VENV)/.installed
 	PYTHON=$(abspath $(PYTHON)) JOBS=$(JOBS) bash tools/release_check.sh
 
