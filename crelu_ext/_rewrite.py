@@ -145,6 +145,24 @@ def _redirect(original: types.FunctionType, rewritten: types.FunctionType):
     return call
 
 
+def _redirect_super(owner: type, name: str, original, rewritten):
+    """``super().name(...)`` in a method of ``owner``, called as
+    ``call(self, ...)``: ``rewritten`` where ``super().name`` is still
+    ``original``. The lookup walks the MRO itself, as Dynamo cannot tell
+    which function a super() attribute is."""
+
+    def call(instance, /, *args, **kwargs):
+        mro = type(instance).__mro__
+        for klass in mro[mro.index(owner) + 1 :]:
+            if name in vars(klass):
+                if vars(klass)[name] is original:
+                    return rewritten(instance, *args, **kwargs)
+                break
+        return getattr(super(owner, instance), name)(*args, **kwargs)
+
+    return call
+
+
 # The names a site's generated code reads.
 _SITE_GLOBALS = {
     "_cat": torch.cat,
@@ -235,6 +253,7 @@ class _Scope:
     def __init__(self, fn, instance, self_name: str | None, local_names: set) -> None:
         self.fn, self.instance, self.self_name = fn, instance, self_name
         self.local_names = local_names
+        self.rebound: set = set()  # names the function assigns (its parameters aside)
         self.cells = dict(zip(fn.__code__.co_freevars, fn.__closure__ or (), strict=True))
 
     def name(self, name: str):
@@ -622,6 +641,7 @@ class _Source:
     blocked: str | None = None  # a text, but not one fuse rewrites: why
     self_name: str | None = None
     local_names: set = field(default_factory=set)
+    rebound: set = field(default_factory=set)
     class_name: str | None = None
     compiled: dict = field(default_factory=dict)
 
@@ -680,6 +700,11 @@ def _read(fn: types.FunctionType) -> _Source:
     parameters = [*function.args.posonlyargs, *function.args.args]
     source.self_name = parameters[0].arg if parameters else None
     source.local_names = _local_names(function)
+    source.rebound = {
+        node.id
+        for node in ast.walk(function)
+        if isinstance(node, ast.Name) and not isinstance(node.ctx, ast.Load)
+    }
     parts = fn.__qualname__.split(".")
     if len(parts) > 1 and parts[-2] != "<locals>":
         source.class_name = parts[-2]
@@ -766,6 +791,7 @@ def rewrite(
         return Rewrite(None, [], left, source.unreadable)
     scope = _Scope(fn, instance, source.self_name if instance is not None else None,
                    source.local_names)  # fmt: skip
+    scope.rebound = source.rebound
     chosen, fused, left = [], [], []
     for index, idiom in enumerate(source.idioms if scan else ()):
         line = idiom.line + source.start - 1
@@ -839,7 +865,7 @@ def _holds(idiom: _Idiom, scope: _Scope):
         except Exception:  # an object that refuses the check: not torch's
             return None
     if unknown:
-        names = ", ".join(f"`{name}`" for name in unknown)
+        names = ", ".join(f"`{name}`" for name in dict.fromkeys(unknown))
         return f"fuse cannot tell what {names} will be when called (a local name); {_TORCH_COMPILE}"
     return True
 
@@ -853,8 +879,20 @@ def _follow(idiom: _Idiom, scope: _Scope, seen: frozenset):
         callee, instance = callee.__func__, callee.__self__
     if not isinstance(callee, types.FunctionType) or _is_library(callee):
         return None
+    if _is_super_call(getattr(idiom.node.func, "value", None)) and not _super_redirectable(scope):
+        return None
     inner = rewrite(callee, instance, _seen=seen)
     return callee, inner
+
+
+def _super_redirectable(scope: _Scope) -> bool:
+    """Whether ``super()`` in the function is ``super(__class__, self)`` with the
+    ``self`` its text names: a method whose first parameter is never rebound."""
+    return (
+        scope.self_name is not None
+        and "__class__" in scope.cells
+        and scope.self_name not in scope.rebound
+    )
 
 
 def _is_library(fn: types.FunctionType) -> bool:
@@ -884,10 +922,18 @@ def _compile(source: _Source, chosen: list, recompute: bool) -> types.FunctionTy
         idiom = source.idioms[index]
         site = f"{PREFIX}{number}__"
         if idiom.kind == "call":
-            cells[site] = _redirect(callee, inner)
             helper = f"{PREFIX}{number}_function__"
             cells[helper] = inner
-            edits += _redirect_edits(idiom.node, text, offsets, site, helper, callee)
+            func = idiom.node.func
+            if _is_super_call(func.value if isinstance(func, ast.Attribute) else None):
+                owner = dict(zip(fn.__code__.co_freevars, fn.__closure__, strict=True))
+                owner = owner["__class__"].cell_contents
+                cells[site] = _redirect_super(owner, func.attr, callee, inner)
+                first = source.self_name
+            else:
+                cells[site] = _redirect(callee, inner)
+                first = None
+            edits += _redirect_edits(idiom.node, text, offsets, site, helper, callee, first)
             continue
         cells[site] = _site(idiom)
         edits += _site_edits(idiom, text, offsets, site)
@@ -960,7 +1006,7 @@ def _site_edits(idiom: _Idiom, text: str, offsets: _Offsets, site: str) -> list:
     return edits
 
 
-def _redirect_edits(call, text, offsets, site, helper, callee) -> list:
+def _redirect_edits(call, text, offsets, site, helper, callee, first=None) -> list:
     """``f(args)`` -> ``(f'(args) if scripting else redirect(f, args))``, as two
     edits around the arguments, which may hold idioms of their own. In
     TorchScript: the rewritten function itself where it is a plain function,
@@ -975,7 +1021,8 @@ def _redirect_edits(call, text, offsets, site, helper, callee) -> list:
     else:
         scripted = ast.unparse(call)
     comma = ", " if call.args or call.keywords else ""
-    head = f"({scripted} if {PREFIX}is_scripting__() else {site}({text[func_start:func_end]}{comma}"
+    first = text[func_start:func_end] if first is None else first  # super(): self
+    head = f"({scripted} if {PREFIX}is_scripting__() else {site}({first}{comma}"
     return [(start, opening + 1, head), (end - 1, end, "))")]
 
 

@@ -226,6 +226,10 @@ class FuseWarning(UserWarning):
     """What ``crelu_ext.fuse`` warns of: the idioms it left as written."""
 
 
+class _Ignored(list):
+    """The names TorchScript ignores on a fused instance (fuse's own list)."""
+
+
 class _Fused(NamedTuple):
     """A fused instance's record: the instance-level forward it had before
     (None: its class's), and whether its forward runs inside recompute()."""
@@ -235,7 +239,8 @@ class _Fused(NamedTuple):
 
 
 _RECORD = "__crelu_ext_fuse__"
-_COMPANIONS = (_RECORD, "__prepare_scriptable__", "__reduce_ex__")
+_IGNORED = "__jit_ignored_attributes__"
+_COMPANIONS = (_RECORD, "__prepare_scriptable__", "__reduce_ex__", _IGNORED)
 
 
 def fuse(model: torch.nn.Module, recompute: bool = False) -> torch.nn.Module:
@@ -336,6 +341,13 @@ def _fuse_module(module: torch.nn.Module, recompute: bool):
         state[_RECORD] = _Fused(original, recompute)
         state["__prepare_scriptable__"] = types.MethodType(_prepare_scriptable, module)
         state["__reduce_ex__"] = types.MethodType(_reduce_ex, module)
+        if _IGNORED not in state:
+            # TorchScript compiles a class once per set of attributes and reuses
+            # it for instances that have the same: a name of this rewrite's own
+            # among those it ignores keeps a fused instance from getting the
+            # class's unfused code (or another rewrite's), and the other way round.
+            ignored = getattr(type(module), _IGNORED, [])
+            state[_IGNORED] = _Ignored([*ignored, rewritten.__code__.co_filename])
     return outcome, function.__qualname__
 
 
@@ -347,7 +359,8 @@ def _unfuse(module: torch.nn.Module) -> None:
     if record is None:
         return
     for name in _COMPANIONS:
-        state.pop(name, None)
+        if name != _IGNORED or type(state.get(name)) is _Ignored:
+            state.pop(name, None)
     if _rewrite.is_rewritten(state.get("forward")):
         if record.original is None:
             del state["forward"]
@@ -374,7 +387,11 @@ def _reduce_ex(module: torch.nn.Module, protocol: int):
     fields = state[0] if isinstance(state, tuple) else state
     if not isinstance(fields, dict):
         return reduced
-    kept = {name: value for name, value in fields.items() if name not in _COMPANIONS[1:]}
+    kept = {
+        name: value
+        for name, value in fields.items()
+        if name not in _COMPANIONS[1:] or (name == _IGNORED and type(value) is not _Ignored)
+    }
     if _rewrite.is_rewritten(kept.get("forward")):
         del kept["forward"]
     state = (kept, *state[1:]) if isinstance(state, tuple) else kept

@@ -26,6 +26,7 @@ from crelu_ext.fuse import FuseWarning, Skipped, dynamo_backend, rewrite
 
 def _outputs_and_grads(model, x, grad_seed=0, *args, **kwargs):
     x = x.detach().clone().requires_grad_(True)
+    torch.manual_seed(grad_seed)  # the same random numbers for each model called (dropout)
     out = model(x, *args, **kwargs)
     grad_out = make_input(out.shape, out.dtype, seed=grad_seed, special_fraction=0)
     params = [p for p in model.parameters() if p.requires_grad]
