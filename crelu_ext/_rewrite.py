@@ -33,10 +33,13 @@ A call of a plain Python function or method that holds an idiom itself
 original, and the callee otherwise.
 """
 
+import __future__
+
 import ast
 import builtins
 import contextlib
 import copy
+import dis
 import inspect
 import itertools
 import linecache
@@ -708,7 +711,75 @@ def _read(fn: types.FunctionType) -> _Source:
     parts = fn.__qualname__.split(".")
     if len(parts) > 1 and parts[-2] != "<locals>":
         source.class_name = parts[-2]
+    if source.blocked is None and not _compiles_to(source, code):
+        source.unreadable = (
+            f"the source of {fn.__qualname__} in {code.co_filename} is not the code it runs "
+            f"(was the file changed after it was imported?); {_TORCH_COMPILE}"
+        )
     return source
+
+
+def _compiles_to(source: _Source, code: types.CodeType) -> bool:
+    """Whether the text read, compiled as fuse compiles it, gives ``code``: a
+    file edited since its import, or a def that is not the function's, does not.
+    Code that pytest's assertion rewriting compiled (its names start with "@py")
+    is not the text's own compilation: it is taken as it is."""
+    if _rewritten_by_pytest(code):
+        return True
+    try:
+        compiled = _code(source, source.text, "<crelu_ext.fuse check>", (), recompute=False)
+    except _CannotCompile:
+        return False
+    return _same_code(compiled, code)
+
+
+def _rewritten_by_pytest(code: types.CodeType) -> bool:
+    names = (*code.co_names, *code.co_varnames)
+    if any(name.startswith("@py") for name in names):
+        return True
+    return any(
+        _rewritten_by_pytest(constant)
+        for constant in code.co_consts
+        if isinstance(constant, types.CodeType)
+    )
+
+
+def _same_code(a: types.CodeType, b: types.CodeType) -> bool:
+    """Whether two code objects run the same instructions on the same names
+    and constants: a method call compiles to LOAD_METHOD or to LOAD_ATTR after
+    a NULL (where the compiler sees the name imported in the same file), and
+    jumps are compared by the instruction they land on."""
+    fields = ("co_names", "co_varnames", "co_freevars", "co_cellvars", "co_argcount")
+    if any(getattr(a, name) != getattr(b, name) for name in fields):
+        return False
+    first, second = _instructions(a), _instructions(b)
+    if len(first) != len(second):
+        return False
+    for (name, value), (other_name, other_value) in zip(first, second, strict=True):
+        if name != other_name:
+            return False
+        if isinstance(value, types.CodeType) and isinstance(other_value, types.CodeType):
+            if not _same_code(value, other_value):
+                return False
+        elif type(value) is not type(other_value) or not (
+            value == other_value or (value != value and other_value != other_value)
+        ):
+            return False
+    return True
+
+
+def _instructions(code: types.CodeType) -> list:
+    instructions = list(dis.get_instructions(code))
+    index = {instruction.offset: n for n, instruction in enumerate(instructions)}
+    jumps = set(dis.hasjrel) | set(dis.hasjabs)
+    out = []
+    for instruction in instructions:
+        name = "LOAD_ATTR" if instruction.opname == "LOAD_METHOD" else instruction.opname
+        value = instruction.argval
+        if instruction.opcode in jumps:
+            value = index.get(value, value)
+        out.append((name, value))
+    return out
 
 
 def _local_names(function: ast.AST) -> set:
@@ -1131,10 +1202,16 @@ def _fallback(idiom: _Idiom, names: dict, x_name: str) -> list[str]:
     return [f"t = {ast.unparse(value)}", second, "return t"]
 
 
-def _build(source: _Source, rewritten: str, filename: str, cells: dict, recompute: bool):
-    """Compiles the def in ``rewritten`` as ``source.fn`` was compiled: in its
-    class (for name mangling and ``__class__``), its free variables and
-    ``cells`` as closure cells."""
+_FUTURE_FLAGS = 0
+for _feature in __future__.all_feature_names:
+    _FUTURE_FLAGS |= getattr(__future__, _feature).compiler_flag
+
+
+def _code(source: _Source, rewritten: str, filename: str, cells, recompute: bool):
+    """The code of the def in ``rewritten``, compiled as ``source.fn`` was: in
+    its class (for name mangling and ``__class__``), its free variables and
+    ``cells`` (names) as closure variables, with its file's ``__future__``
+    flags."""
     fn = source.fn
     tree = ast.parse(rewritten)
     function = tree.body[0]
@@ -1152,7 +1229,6 @@ def _build(source: _Source, rewritten: str, filename: str, cells: dict, recomput
                     node.end_col_offset = body[-1].end_col_offset
             with_statement.body = body
             function.body = [*docstring, with_statement]
-        cells[f"{PREFIX}recompute__"] = recompute_if_eager
     ast.increment_lineno(tree, source.start - 1)
     free = [name for name in fn.__code__.co_freevars if name != "__class__"]
     parameters = ", ".join([*free, *cells])
@@ -1169,10 +1245,21 @@ def _build(source: _Source, rewritten: str, filename: str, cells: dict, recomput
     holder = outer.body[0] if source.class_name is not None else outer
     holder.body = [function]
     module = ast.Module([outer], [])
+    flags = fn.__code__.co_flags & _FUTURE_FLAGS
     try:
-        code = _find_code(compile(module, filename, "exec"), function)
+        compiled = compile(module, filename, "exec", flags=flags, dont_inherit=True)
+        return _find_code(compiled, function)
     except (SyntaxError, ValueError) as error:
         raise _CannotCompile(f"the rewritten code does not compile: {error}") from None
+
+
+def _build(source: _Source, rewritten: str, filename: str, cells: dict, recompute: bool):
+    """The function ``source.fn`` with the def in ``rewritten`` for code, its
+    closure cells and ``cells`` (name: value) as new ones."""
+    fn = source.fn
+    if recompute:
+        cells[f"{PREFIX}recompute__"] = recompute_if_eager
+    code = _code(source, rewritten, filename, cells, recompute)
     originals = dict(zip(fn.__code__.co_freevars, fn.__closure__ or (), strict=True))
     closure = []
     for name in code.co_freevars:

@@ -8,6 +8,9 @@ The models here are also those test_fuse_deploy.py exports."""
 
 import copy
 import functools
+import importlib
+import linecache
+import os
 import sys
 import traceback
 import warnings
@@ -155,6 +158,25 @@ class Derived(Base):
     def forward(self, x):
         h = super().forward(x) * self.__gain
         return torch.cat([h, -h], -1).relu()
+
+
+class WithHelpers(nn.Module):
+    """Idioms in a method and in a function that the method calls."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(6, 5)
+
+    def activation(self, h):
+        return helper(h, -1) * 2
+
+    def forward(self, x):
+        return self.activation(self.fc(x))
+
+
+def helper(h, dim):
+    h = torch.cat((h, -h), dim)
+    return F.relu(h)
 
 
 class PartlyLeft(nn.Module):
@@ -338,6 +360,25 @@ def test_super_and_private_names():
     assert_same_call(original, fused, x)
 
 
+def test_functions_a_forward_calls_are_rewritten_for_that_call(monkeypatch):
+    original, fused = fuse_copy(WithHelpers())
+    assert fused.fused == [
+        "WithHelpers.activation: helper: h = torch.cat((h, -h), dim); return F.relu(h)"
+    ]
+    x = make_input((4, 6), torch.float32)
+    assert_same_call(original, fused, x)
+    assert native_calls(fused, x) == 1
+    assert native_calls(original, x) == 0  # helper itself, and the class, are as they were
+    # What the forward calls is read at each call: another method, another helper.
+    monkeypatch.setattr(sys.modules[__name__], "helper", lambda h, dim: torch.tanh(h))
+    assert_same_call(original, fused, x)
+    assert native_calls(fused, x) == 0
+    monkeypatch.undo()
+    both(original, fused, lambda m: setattr(m, "activation", torch.sigmoid))
+    assert_same_call(original, fused, x)
+    assert native_calls(fused, x) == 0
+
+
 def test_what_fuse_leaves_it_names_once():
     model = nn.ModuleDict(
         {
@@ -371,6 +412,35 @@ def test_what_fuse_leaves_it_names_once():
     for name in model:
         if name != "plain":
             assert_same_call(original[name], fused[name], x)
+
+
+EDITED = """
+import torch
+
+
+class Model(torch.nn.Module):
+    def forward(self, x):
+        return torch.cat([x, -x], 1).relu() * {factor}
+"""
+
+
+def test_a_file_edited_after_import_is_not_read(tmp_path, monkeypatch):
+    """The text read must compile to the code that runs: a file edited since
+    its import (its idiom's line included) leaves the forward as it runs."""
+    path = tmp_path / "edited_model_for_fuse.py"
+    path.write_text(EDITED.format(factor=2))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    module = importlib.import_module("edited_model_for_fuse")
+    monkeypatch.delitem(sys.modules, "edited_model_for_fuse")
+    path.write_text(EDITED.format(factor=3))
+    os.utime(path, (1, 1))  # another modification time: linecache reads the file again
+    linecache.checkcache(str(path))
+    model = module.Model()
+    with pytest.warns(FuseWarning, match="not the code it runs"):
+        crelu_ext.fuse(model)
+    assert model.fused == [] and "forward" not in model.__dict__
+    x = make_input((2, 3), torch.float32)
+    assert_bitwise_equal(model(x), module.Model.forward(model, x))
 
 
 def test_tracebacks_show_the_users_file_and_line():
