@@ -1,5 +1,7 @@
 """Every Python example of the README and of docs/ runs as it stands, each in a fresh
-interpreter in an empty folder, so that none leans on another's names or files.
+interpreter in an empty folder, so that none leans on another's names or files. Each
+runs from a file of its own, as users run their code: crelu_ext.fuse reads the source
+of the forwards it rewrites.
 
 An example that needs an optional module or a GPU says so in its first line,
 ``# requires: onnx, onnxruntime`` (module names, or ``cuda``); it is skipped only where
@@ -64,9 +66,12 @@ def test_example_runs_on_its_own(code, tmp_path):
     # The crelu_ext these tests import, whether a checkout or an installed package.
     package_root = str(Path(crelu_ext.__file__).resolve().parents[1])
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
+    script, folder = tmp_path / "example.py", tmp_path / "run"
+    script.write_text(code)
+    folder.mkdir()
     result = subprocess.run(
-        [sys.executable, "-c", code],
-        cwd=tmp_path,
+        [sys.executable, str(script)],
+        cwd=folder,
         env=env,
         capture_output=True,
         text=True,
