@@ -47,7 +47,7 @@ import textwrap
 import types
 import weakref
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -635,7 +635,7 @@ class _Source:
     """A function's text (dedented), where it starts in its file, its def and
     idioms; or, where it cannot be read or rewritten, why."""
 
-    fn: types.FunctionType
+    function_ref: weakref.ref  # the function (weakly: _SOURCES holds its _Source by it)
     text: str = ""
     start: int = 0  # the file's line of the text's first line
     function: ast.FunctionDef | None = None
@@ -646,7 +646,12 @@ class _Source:
     local_names: set = field(default_factory=set)
     rebound: set = field(default_factory=set)
     class_name: str | None = None
-    compiled: dict = field(default_factory=dict)
+    verified: bool | None = None  # whether the text compiles to the function's code
+    compiled: dict = field(default_factory=dict)  # its rewrites, by what they replace
+
+    @property
+    def fn(self) -> types.FunctionType:
+        return self.function_ref()
 
 
 _SOURCES: "weakref.WeakKeyDictionary[types.FunctionType, _Source]" = weakref.WeakKeyDictionary()
@@ -663,7 +668,7 @@ def _source(fn: types.FunctionType) -> _Source:
 
 
 def _read(fn: types.FunctionType) -> _Source:
-    source = _Source(fn)
+    source = _Source(weakref.ref(fn))
     code = fn.__code__
     if code.co_name == "<lambda>":
         source.unreadable = f"it is a lambda; {_TORCH_COMPILE}"
@@ -711,11 +716,6 @@ def _read(fn: types.FunctionType) -> _Source:
     parts = fn.__qualname__.split(".")
     if len(parts) > 1 and parts[-2] != "<locals>":
         source.class_name = parts[-2]
-    if source.blocked is None and not _compiles_to(source, code):
-        source.unreadable = (
-            f"the source of {fn.__qualname__} in {code.co_filename} is not the code it runs "
-            f"(was the file changed after it was imported?); {_TORCH_COMPILE}"
-        )
     return source
 
 
@@ -822,8 +822,7 @@ def mentions_cat(fn) -> bool:
 # --- Rewriting ----------------------------------------------------------------------
 
 
-@dataclass
-class Left:
+class Left(NamedTuple):
     """An idiom left as written, and why."""
 
     function: str
@@ -852,6 +851,8 @@ def rewrite(
     None for a function that has none) replaced, and, with ``recompute``, its
     body inside ``crelu_ext.recompute()``; its calls of functions that hold
     idioms go to those functions rewritten. ``scan=False`` replaces nothing."""
+    if not scan and not recompute:
+        return Rewrite(None)
     if getattr(fn, "__wrapped__", None) is not None:  # a decorator's wrapper
         return _decorated(fn, instance, recompute, scan)
     source = _source(fn)
@@ -864,6 +865,7 @@ def rewrite(
                    source.local_names)  # fmt: skip
     scope.rebound = source.rebound
     chosen, fused, left = [], [], []
+    replaced = []  # Left entries for what is chosen, should the function be left after all
     for index, idiom in enumerate(source.idioms if scan else ()):
         line = idiom.line + source.start - 1
         if idiom.kind == "call":
@@ -874,25 +876,32 @@ def rewrite(
                 continue
             callee, inner = redirect
             left += inner.left
-            if inner.function is not None and source.blocked is None:
+            if inner.function is not None:
                 chosen.append((index, callee, inner.function))
                 fused += [f"{callee.__qualname__}: {what}" for what in inner.fused]
-            elif inner.function is not None:
-                left += [Left(callee.__qualname__, None, what, source.blocked)
-                         for what in inner.fused]  # fmt: skip
+                replaced += [Left(callee.__qualname__, None, what, "") for what in inner.fused]
             continue
         verdict = _holds(idiom, scope)
         if verdict is None:
             continue  # not a CReLU here
-        reason = verdict if isinstance(verdict, str) else idiom.problem or source.blocked
+        reason = verdict if isinstance(verdict, str) else idiom.problem
         if reason is not None:
             left.append(Left(fn.__qualname__, line, idiom.display, reason))
             continue
         chosen.append((index, None, None))
         fused.append(idiom.display)
+        replaced.append(Left(fn.__qualname__, line, idiom.display, ""))
     if not chosen and not recompute:
-        return Rewrite(None, fused, left)
+        return Rewrite(None, [], left)
+    if source.blocked is None and source.verified is None:
+        source.verified = _compiles_to(source, fn.__code__)
+        if not source.verified:
+            source.blocked = (
+                f"the source of {fn.__qualname__} in {fn.__code__.co_filename} is not the code "
+                f"it runs (was the file changed after it was imported?); {_TORCH_COMPILE}"
+            )
     if source.blocked is not None:
+        left += [entry._replace(reason=source.blocked) for entry in replaced]
         return Rewrite(None, [], left, source.blocked)
     key = (tuple((index, inner) for index, _, inner in chosen), recompute)
     function = source.compiled.get(key)
@@ -900,8 +909,8 @@ def rewrite(
         try:
             function = _compile(source, chosen, recompute)
         except _CannotCompile as error:
-            what = [Left(fn.__qualname__, None, f, str(error)) for f in fused]
-            return Rewrite(None, [], left + what, str(error))
+            left += [entry._replace(reason=str(error)) for entry in replaced]
+            return Rewrite(None, [], left, str(error))
         source.compiled[key] = function
     return Rewrite(function, fused, left)
 
