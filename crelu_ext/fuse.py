@@ -7,13 +7,15 @@ docs/fuse.md tells the whole story.
 text is replaced by a call that checks, at each call, that the idiom's parts
 are still torch's and runs the fused op, or the idiom as written; everything
 else in the forward stays the user's Python. The rewritten function is the
-instance's ``forward``, a method bound to it, with three companions in the
+instance's ``forward``, a method bound to it, with companions in the
 instance's ``__dict__``: the record of what was there before
 (``__crelu_ext_fuse__``), ``__prepare_scriptable__`` (``torch.jit.script``
 checks the idioms again and scripts the rewritten text, which holds
-``fused_crelu`` for TorchScript) and ``__reduce_ex__`` (``torch.save``,
-``copy.deepcopy``: the module is saved without its rewritten forward, and
-rewritten again from its class's source when loaded).
+``fused_crelu`` for TorchScript), ``__jit_ignored_attributes__`` (a name of
+the rewrite's own, which keeps TorchScript from sharing a compiled type
+between fused and unfused instances of a class) and ``__reduce_ex__``
+(``torch.save``, ``copy.deepcopy``: the module is saved without its rewritten
+forward, and rewritten again from its class's source when loaded).
 """
 
 import importlib.metadata
