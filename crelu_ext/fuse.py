@@ -434,8 +434,9 @@ def _setstate(module: torch.nn.Module, state) -> None:
 def dynamo_backend(graph_module: torch.fx.GraphModule, example_inputs):
     """``torch.compile(model, backend="crelu_ext")``: each graph Dynamo
     captures, its CReLU idioms replaced by the fused op, compiled by Inductor.
-    Dynamo traces what torch.fx cannot (shape asserts, dims computed from the
-    rank), so this rewrites idioms that ``fuse`` leaves in eager code."""
+    Dynamo traces bytecode, so this rewrites idioms that ``fuse`` leaves as
+    written (no source to read, a decorated forward) and idioms split across
+    modules, wherever one graph holds the whole idiom."""
     from torch._inductor.compile_fx import compile_fx  # what backend="inductor" runs
 
     rewrite(graph_module)
