@@ -858,7 +858,9 @@ def rewrite(
     source = _source(fn)
     if source.unreadable is not None:
         left = []
-        if scan and mentions_cat(fn):
+        # A forward whose code names a concatenation may write an idiom; a
+        # function it calls is not named for that alone.
+        if scan and not _seen and mentions_cat(fn):
             left.append(Left(fn.__qualname__, fn.__code__.co_firstlineno, "", source.unreadable))
         return Rewrite(None, [], left, source.unreadable)
     scope = _Scope(fn, instance, source.self_name if instance is not None else None,
