@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import crelu_ext
 from crelu_ext._memory import saved_bytes
@@ -95,14 +95,15 @@ def training_step(model, x):
     return step
 
 
-class _CReLUOutputs(TorchFunctionMode):
-    """Adds up the bytes of the fused op's outputs."""
+class _CReLUOutputs(TorchDispatchMode):
+    """Adds up the bytes of the fused op's outputs: at the dispatcher, which
+    every call reaches (eager calls skip torch.ops' Python front)."""
 
     def __init__(self):
         super().__init__()
         self.bytes = 0
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         if func is torch.ops.crelu_ext.crelu.default:
             self.bytes += out[0].numel() * out[0].element_size()

@@ -165,7 +165,7 @@ def _caller_stacklevel() -> int:
 
 def _warn_fallback() -> None:
     global _warned_fallback
-    if not _warned_fallback:
+    if not _warned_fallback and not torch.compiler.is_compiling():  # no global write in a trace
         _warned_fallback = True
         warnings.warn(
             "crelu_ext.crelu: running the reference composition (four kernels, two saved "
@@ -206,12 +206,15 @@ def select_backend(backend: str, device: torch.device) -> str:
 
 def _resolve(x: torch.Tensor, dim: int, backend: str, traced: bool) -> Implementation:
     """The cache's miss: raises for a non-tensor (the API's message) and for a
-    backend that is unknown or unavailable; keeps one that resolves."""
+    backend that is unknown or unavailable; keeps one that resolves, except
+    inside a Dynamo trace, which must write no global state (strict
+    torch.export reports it as a side effect of the model)."""
     if not isinstance(x, torch.Tensor):
         check_input(x, dim)
     resolved = _BACKENDS[select_backend(backend, x.device)]
     implementation = resolved.implementation if traced else resolved.eager_implementation
-    _RESOLVED[backend, x.device, traced] = implementation
+    if not torch.compiler.is_compiling():
+        _RESOLVED[backend, x.device, traced] = implementation
     return implementation
 
 

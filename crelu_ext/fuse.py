@@ -1,39 +1,36 @@
-"""``crelu_ext.fuse(model)``: the CReLU idioms a model writes by hand, rewritten
-in place to the fused op; ``backend="crelu_ext"`` for ``torch.compile``, the
-same rewrite in the graphs Dynamo captures. docs/fuse.md tells the whole story.
+"""``crelu_ext.fuse(model)``: the CReLU idioms a model writes by hand, replaced
+in place by the fused op in each module's own forward; ``backend="crelu_ext"``
+for ``torch.compile``, the same rewrite in the graphs Dynamo captures.
+docs/fuse.md tells the whole story.
 
-Recognised, with ``d`` any int dim (positive, negative or by keyword), ReLU as
-``torch.relu``, ``F.relu``, ``.relu()``, ``nn.ReLU`` (in-place or not) and the
-negation as ``-x``, ``torch.neg``, ``.neg()`` or a multiplication by -1:
-
-- ``cat([relu(x), relu(-x)], d)``
-- ``relu(cat([x, -x], d))`` and ``cat([x, -x], d).relu()``
-
-An idiom is rewritten only when that cannot change what the model computes:
-its intermediate results have no other use (a ``relu_`` on the concatenation
-may have later uses, which see the same values), nothing between its first
-and last step may write to a tensor in place, and ``relu_`` is not applied to
-``x`` itself. Everything else, including ``cat([a, b])`` of unrelated
-tensors, is left alone.
+``fuse`` rewrites each forward's source (crelu_ext/_rewrite.py): the idiom's
+text is replaced by a call that checks, at each call, that the idiom's parts
+are still torch's and runs the fused op, or the idiom as written; everything
+else in the forward stays the user's Python. The rewritten function is the
+instance's ``forward``, a method bound to it, with companions in the
+instance's ``__dict__``: the record of what was there before
+(``__crelu_ext_fuse__``), ``__prepare_scriptable__`` (``torch.jit.script``
+checks the idioms again and scripts the rewritten text, which holds
+``fused_crelu`` for TorchScript), ``__jit_ignored_attributes__`` (a name of
+the rewrite's own, which keeps TorchScript from sharing a compiled type
+between fused and unfused instances of a class) and ``__reduce_ex__``
+(``torch.save``, ``copy.deepcopy``: the module is saved without its rewritten
+forward, and rewritten again from its class's source when loaded).
 """
 
 import importlib.metadata
-import itertools
-import linecache
-import math
 import operator
 import sys
 import types
+import warnings
+from typing import Any, NamedTuple
 
 import torch
 import torch.fx
 import torch.nn.functional as F
 
-from ._checks import FLOAT_DTYPES
-from .functional import crelu
-from .nn import CReLU
-from .recompute import recompute as recompute_saved
-from .recompute import track
+from . import _rewrite
+from ._rewrite import fused_crelu
 
 _CATS = {torch.cat, torch.concat, torch.concatenate}
 _NEGATIONS = {operator.neg, torch.neg, torch.negative}
@@ -44,36 +41,6 @@ _IN_PLACE_OPERATORS = {
     operator.ifloordiv, operator.imod, operator.ipow, operator.iand, operator.ior,
     operator.ixor, operator.ilshift, operator.irshift, operator.imatmul,
 }  # fmt: skip
-
-
-def fused_crelu(x: torch.Tensor, dim: int) -> torch.Tensor:
-    """What ``fuse`` puts in place of an idiom: the fused op for the dtypes it
-    supports, and for any other the composition the model wrote."""
-    if torch.jit.is_scripting():  # TorchScript compiles this branch alone
-        if x.is_floating_point():
-            return torch.ops.crelu_ext.crelu(x, dim, False)[0]
-        return torch.cat([torch.relu(x), torch.relu(-x)], dim)
-    if x.dtype in FLOAT_DTYPES:
-        return track(x, dim, crelu(x, dim))
-    return torch.cat([torch.relu(x), torch.relu(-x)], dim)
-
-
-# A call in any graph torch.fx traces, not traced through.
-torch.fx.wrap("fused_crelu")
-
-
-class _Tracer(torch.fx.Tracer):
-    """torch.fx's tracer for one module's own forward: its submodules stay
-    calls (each is fused on its own), and so do crelu_ext's functions."""
-
-    def __init__(self) -> None:
-        super().__init__(
-            autowrap_modules=(math, sys.modules[__package__]),
-            autowrap_functions=(crelu, fused_crelu),
-        )
-
-    def is_leaf_module(self, module: torch.nn.Module, qualified_name: str) -> bool:
-        return True
 
 
 def _relu_input(node: torch.fx.Node, modules) -> tuple[torch.fx.Node, bool] | None:
@@ -243,163 +210,233 @@ class _Fuser:
         return fused
 
 
-def _trace(module: torch.nn.Module) -> torch.fx.Graph | None:
-    """The graph of ``module``'s own forward, or None when torch.fx cannot
-    trace it or it takes different paths in training and in eval (a graph
-    keeps only one)."""
-    modes = {submodule: submodule.training for submodule in module.modules()}
-    graphs = []
-    try:
-        for training in (True, False):
-            module.train(training)
-            graphs.append(_Tracer().trace(module))
-    except Exception:  # anything the forward raises on proxies: not traceable
-        return None
-    finally:  # each submodule's own mode: a frozen BatchNorm stays in eval
-        for submodule, training in modes.items():
-            submodule.training = training
-    train, evaluation = (graph.python_code("self").src for graph in graphs)
-    if train != evaluation:
-        return None
-    return graphs[module.training]
+# What graphs torch.fx or Dynamo capture call for a replaced idiom.
+torch.fx.wrap("fused_crelu")
 
 
-def _is_builtin(module: torch.nn.Module) -> bool:
-    """torch's own modules and CReLU, whose code writes no idiom."""
-    return isinstance(module, (CReLU, torch.jit.ScriptModule)) or type(
-        module
-    ).__module__.startswith("torch.")
+class Skipped(NamedTuple):
+    """An idiom that ``fuse`` left as written (``model.fuse_skipped``)."""
+
+    module: str  # its module's qualified name in the model ("" for the model itself)
+    function: str  # the function that writes it (``__qualname__``)
+    line: int | None  # its line in that function's file, where known
+    idiom: str  # its source, where known
+    reason: str
 
 
-def _define(source: str, namespace: dict) -> types.FunctionType:
-    """The ``forward`` defined by ``source``; its text goes to linecache so
-    that TorchScript and tracebacks can read it."""
-    filename = f"<crelu_ext.fuse {next(_FILE_NUMBERS)}>"
-    linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
-    namespace = dict(namespace)
-    exec(compile(source, filename, "exec"), namespace)
-    return namespace["forward"]
+class FuseWarning(UserWarning):
+    """What ``crelu_ext.fuse`` warns of: the idioms it left as written."""
 
 
-_FILE_NUMBERS = itertools.count()
+class _Ignored(list):
+    """The names TorchScript ignores on a fused instance (fuse's own list)."""
 
 
-class _Forward:
-    """A fused module instance's ``forward``: one generated from the graph of
-    its class's forward with the idioms replaced (or the class's own), run
-    inside ``crelu_ext.recompute()`` when asked. Pickles as its source."""
+class _Fused(NamedTuple):
+    """A fused instance's record: the instance-level forward it had before
+    (None: its class's), and whether its forward runs inside recompute()."""
 
-    def __init__(self, module: torch.nn.Module, source: str | None, namespace: dict,
-                 recompute: bool) -> None:  # fmt: skip
-        self.module, self.source, self.namespace = module, source, namespace
-        self.recompute = recompute
-        self.function = None if source is None else _define(source, namespace)
-
-    def __call__(self, *args, **kwargs):
-        function = self.function or type(self.module).forward
-        if not self.recompute or torch.compiler.is_compiling():  # recompute is eager-only
-            return function(self.module, *args, **kwargs)
-        with recompute_saved():
-            return function(self.module, *args, **kwargs)
-
-    def __getstate__(self) -> dict:
-        # Modules pickle by name; the rest (torch's functions, fused_crelu,
-        # constants) by reference or value.
-        namespace = {
-            name: _ModuleName(value.__name__) if isinstance(value, types.ModuleType) else value
-            for name, value in self.namespace.items()
-        }
-        return {"module": self.module, "source": self.source, "namespace": namespace,
-                "recompute": self.recompute}  # fmt: skip
-
-    def __setstate__(self, state: dict) -> None:
-        namespace = {
-            name: importlib.import_module(value) if isinstance(value, _ModuleName) else value
-            for name, value in state["namespace"].items()
-        }
-        self.__init__(state["module"], state["source"], namespace, state["recompute"])
-
-    def prepare_scriptable(self) -> torch.nn.Module:
-        """For ``torch.jit.script``, which compiles a class's forward: a shallow
-        copy of the module, of a subclass with the fused forward if there is one
-        (scripted code runs without recompute)."""
-        module = self.module
-        cls = type(module)
-        if self.function is not None:
-            cls = type(cls.__name__, (cls,), {"forward": self.function})
-            cls.__module__, cls.__qualname__ = type(module).__module__, type(module).__qualname__
-        copy = cls.__new__(cls)
-        copy.__dict__.update(
-            (name, value)
-            for name, value in module.__dict__.items()
-            if name not in ("forward", "__prepare_scriptable__")
-        )
-        copy._modules = dict(module._modules)  # TorchScript replaces the entries
-        return copy
+    original: Any
+    recompute: bool
 
 
-class _ModuleName(str):
-    """A Python module in a pickled namespace."""
+_RECORD = "__crelu_ext_fuse__"
+_IGNORED = "__jit_ignored_attributes__"
+_COMPANIONS = (_RECORD, "__prepare_scriptable__", "__reduce_ex__", _IGNORED)
 
 
 def fuse(model: torch.nn.Module, recompute: bool = False) -> torch.nn.Module:
-    """Rewrites, in place, each hand-written CReLU in ``model``
-    (``cat([relu(x), relu(-x)], d)``, ``relu(cat([x, -x], d))`` and their
-    variants: see crelu_ext/fuse.py) to the fused op, and returns ``model``.
+    """Replaces, in place, each hand-written CReLU in the forwards of ``model``
+    and its submodules (``cat([relu(x), relu(-x)], d)``, ``relu(cat([x, -x], d))``
+    and their variants: docs/fuse.md) by the fused op, and returns ``model``.
 
-    It visits every module of the tree: where torch.fx can trace a module's
-    own forward (its submodules stay calls) and the graph is the same in
-    training and in eval, the idioms in that forward (and in the functions
-    it calls) are replaced, by giving that instance a forward generated from
-    the graph. A module it cannot trace keeps its forward; its submodules are
-    fused all the same, so the model's other methods that call them get the
-    fused op too. Idioms in a forward that torch.fx cannot trace (shape
-    asserts, a dim computed from the rank) stay as written: compile the model
-    with ``backend="crelu_ext"`` for those. The model keeps its class,
-    parameters, buffers, state_dict keys and methods; it deep-copies, pickles
-    (``torch.save``, then ``torch.load(weights_only=False)``) and scripts with
-    ``torch.jit.script``.
-    ``model.fused`` lists what was replaced, as ``"qualified.module: node"``
-    (just ``"node"`` for ``model``'s own forward).
+    Each module whose forward (or a function it calls) writes an idiom gets a
+    forward of its own: its class's (or its instance-level) forward with the
+    idiom's text replaced and nothing else, so every other line keeps its
+    Python meaning at each call. The replacement checks at each call that the
+    idiom's callables are still torch's (``type(m) is nn.ReLU`` without hooks
+    for a module), its in-place flags, that the dim is an int and the dtype
+    one the op takes, and otherwise runs the idiom as written. The model keeps
+    its class, parameters, state_dict keys and other methods.
 
-    The fused model computes the same outputs and gradients bit for bit, in
-    training and in eval, with one limit: where ``x`` is NaN and ``x`` also
-    feeds another op (a residual ``conv(crelu(x)) + x``, say), autograd sums
-    the gradient parts in another order than for the composition, so the
-    gradient at that position may differ by rounding; outputs and NaN
-    positions stay equal.
+    ``model.fused`` lists what was replaced, ``"qualified.name: idiom"``;
+    ``model.fuse_skipped`` lists, as :class:`Skipped` records, the idioms left
+    as written and why (no source to read, a decorated forward, an operand
+    that is not a plain name...), and one :class:`FuseWarning` names them.
+    Fusing again gives the same result.
 
     ``recompute=True`` runs ``model``'s forward inside
-    :func:`crelu_ext.recompute`: the layer after each CReLU keeps CReLU's
-    input, not its twice-as-large output.
+    :func:`crelu_ext.recompute` (eagerly only): the layer after each CReLU
+    keeps CReLU's input, not its twice-as-large output.
     """
-    fused = []
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"crelu_ext.fuse: expected a torch.nn.Module, got {type(model).__name__}")
+    fused, skipped = [], []
     for name, module in model.named_modules():
-        graph = None if _is_builtin(module) else _trace(module)
-        replaced = [] if graph is None else _Fuser(graph, dict(module.named_modules())).fuse()
-        with_recompute = recompute and module is model
-        if not (replaced or with_recompute):
-            if isinstance(module.__dict__.get("forward"), _Forward):  # fused before
-                del module.forward, module.__prepare_scriptable__
-            continue
-        fused += [f"{name}: {node}" if name else node for node in replaced]
-        source, namespace = None, {}
-        if replaced:
-            graph.lint()
-            code = graph.python_code("self")
-            source, namespace = code.src, code.globals
-        forward = _Forward(module, source, namespace, with_recompute)
-        module.forward = forward
-        module.__prepare_scriptable__ = forward.prepare_scriptable
+        outcome, function = _fuse_module(module, recompute and module is model)
+        fused += [f"{name}: {what}" if name else what for what in outcome.fused]
+        skipped += [
+            Skipped(name, left.function, left.line, left.idiom, left.reason)
+            for left in outcome.left
+        ]
+        if recompute and module is model and outcome.function is None:
+            reason = outcome.reason or "the model has no forward of its own"
+            skipped.append(
+                Skipped(name, function, None, "", f"recompute=True not applied: {reason}")
+            )
     model.fused = fused
+    model.fuse_skipped = skipped
+    if skipped:
+        warnings.warn(_warning(skipped), FuseWarning, stacklevel=2)
     return model
+
+
+def _warning(skipped: list) -> str:
+    lines = [
+        f"crelu_ext.fuse left {len(skipped)} CReLU idiom{'s' if len(skipped) > 1 else ''} "
+        "as written (model.fuse_skipped lists them):"
+    ]
+    for entry in skipped:
+        where = entry.function + (f", line {entry.line}" if entry.line else "")
+        idiom = f" {entry.idiom}:" if entry.idiom else ""
+        lines.append(f"  {entry.module or 'the model'} ({where}):{idiom} {entry.reason}")
+    return "\n".join(lines)
+
+
+def _forward_of(module: torch.nn.Module):
+    """``(function, its self or None, whether it is torch's own code)`` for the
+    forward ``module`` runs, or None when that is not a Python function."""
+    forward = module.__dict__.get("forward")
+    if forward is None:  # the class's: for a parametrized module, the user's class's
+        for klass in type(module).__mro__:
+            if "forward" in vars(klass):
+                function = vars(klass)["forward"]
+                break
+        else:
+            return None
+        if not isinstance(function, types.FunctionType) or function is torch.nn.Module.forward:
+            return None
+        library = klass.__module__.partition(".")[0] in ("torch", "crelu_ext")
+        return function, module, library
+    if isinstance(forward, types.MethodType) and isinstance(forward.__func__, types.FunctionType):
+        return forward.__func__, forward.__self__, False
+    if isinstance(forward, types.FunctionType):
+        return forward, None, False
+    return None
+
+
+def _fuse_module(module: torch.nn.Module, recompute: bool):
+    """Gives ``module`` its rewritten forward, if it has one; returns the
+    rewrite and the name of the function rewritten."""
+    _unfuse(module)
+    found = None if isinstance(module, torch.jit.ScriptModule) else _forward_of(module)
+    if found is None:
+        reason = "its forward is not a Python function"
+        return _rewrite.Rewrite(None, reason=reason), type(module).__qualname__ + ".forward"
+    function, instance, library = found
+    outcome = _rewrite.rewrite(function, instance, recompute=recompute, scan=not library)
+    if outcome.function is not None:
+        state = module.__dict__
+        original = state.get("forward")
+        rewritten = outcome.function
+        state["forward"] = rewritten if instance is None else types.MethodType(rewritten, instance)
+        state[_RECORD] = _Fused(original, recompute)
+        state["__prepare_scriptable__"] = types.MethodType(_prepare_scriptable, module)
+        state["__reduce_ex__"] = types.MethodType(_reduce_ex, module)
+        if _IGNORED not in state:
+            # TorchScript compiles a class once per set of attributes and reuses
+            # it for instances that have the same: a name of this rewrite's own
+            # among those it ignores keeps a fused instance from getting the
+            # class's unfused code (or another rewrite's), and the other way round.
+            ignored = getattr(type(module), _IGNORED, [])
+            state[_IGNORED] = _Ignored([*ignored, rewritten.__code__.co_filename])
+    return outcome, function.__qualname__
+
+
+def _unfuse(module: torch.nn.Module) -> None:
+    """Puts back the forward ``module`` had before ``fuse`` (a forward set on
+    the instance since stays)."""
+    state = module.__dict__
+    record = state.get(_RECORD)
+    if record is None:
+        return
+    for name in _COMPANIONS:
+        if name != _IGNORED or type(state.get(name)) is _Ignored:
+            state.pop(name, None)
+    if _rewrite.is_rewritten(state.get("forward")):
+        if record.original is None:
+            del state["forward"]
+        else:
+            state["forward"] = record.original
+
+
+def _prepare_scriptable(module: torch.nn.Module) -> torch.nn.Module:
+    # torch.jit.script calls this on each module before it compiles any: the
+    # idioms are checked again as they are now, and the text is made readable.
+    record = module.__dict__.get(_RECORD)
+    _fuse_module(module, record is not None and record.recompute)
+    _rewrite.register_texts()
+    return module
+
+
+def _reduce_ex(module: torch.nn.Module, protocol: int):
+    # Pickled as the class pickles it, without the rewritten forward and its
+    # companions; _restore rewrites the forward again once the state is back.
+    reduced = type(module).__reduce_ex__(module, protocol)
+    if isinstance(reduced, str) or len(reduced) < 3:
+        return reduced
+    function, arguments, state, *rest = reduced
+    fields = state[0] if isinstance(state, tuple) else state
+    if not isinstance(fields, dict):
+        return reduced
+    kept = {
+        name: value
+        for name, value in fields.items()
+        if name not in _COMPANIONS[1:] or (name == _IGNORED and type(value) is not _Ignored)
+    }
+    if _rewrite.is_rewritten(kept.get("forward")):
+        del kept["forward"]
+    state = (kept, *state[1:]) if isinstance(state, tuple) else kept
+    return (_restore, (function, arguments), state, *rest)
+
+
+def _restore(function, arguments):
+    module = function(*arguments)
+    # pickle and copy call an instance's own __setstate__ first.
+    module.__dict__["__setstate__"] = types.MethodType(_setstate, module)
+    return module
+
+
+def _setstate(module: torch.nn.Module, state) -> None:
+    del module.__dict__["__setstate__"]
+    fields = dict(state[0] if isinstance(state, tuple) else state)
+    record = fields.pop(_RECORD, None)
+    state = (fields, *state[1:]) if isinstance(state, tuple) else fields
+    setstate = getattr(type(module), "__setstate__", None)
+    if setstate is not None:
+        setstate(module, state)
+    else:
+        module.__dict__.update(fields)
+    if record is None:
+        return
+    if record.original is not None:
+        module.__dict__["forward"] = record.original
+    outcome, function = _fuse_module(module, record.recompute)
+    if outcome.function is None:
+        warnings.warn(
+            f"crelu_ext.fuse: a {type(module).__qualname__} was loaded with its forward as "
+            f"written ({function}): {outcome.reason or 'its idioms no longer hold'}",
+            FuseWarning,
+            stacklevel=2,
+        )
 
 
 def dynamo_backend(graph_module: torch.fx.GraphModule, example_inputs):
     """``torch.compile(model, backend="crelu_ext")``: each graph Dynamo
     captures, its CReLU idioms replaced by the fused op, compiled by Inductor.
-    Dynamo traces what torch.fx cannot (shape asserts, dims computed from the
-    rank), so this rewrites idioms that ``fuse`` leaves in eager code."""
+    Dynamo traces bytecode, so this rewrites idioms that ``fuse`` leaves as
+    written (no source to read, a decorated forward) and idioms split across
+    modules, wherever one graph holds the whole idiom."""
     from torch._inductor.compile_fx import compile_fx  # what backend="inductor" runs
 
     rewrite(graph_module)

@@ -16,6 +16,7 @@ from test_fuse import (
 from torch import nn
 
 import crelu_ext
+from crelu_ext import _rewrite
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:`torch.jit.*` is deprecated:FutureWarning"),
@@ -75,7 +76,8 @@ def test_script_fused_modules(model, tmp_path):
     shape = {DetectorBlock: (2, 3, 5, 5), MLP: (4, 6), Residual: (2, 3, 4, 4)}[model]
     x = make_input(shape, torch.float32, special_fraction=0 if model is Residual else 0.25)
     assert_fused_like(original, script, x)
-    assert fused.forward.function is not None  # scripting left the eager module as it was
+    # Scripting left the eager module fused, with its own forward.
+    assert _rewrite.is_rewritten(fused.forward) and fused.forward.__self__ is fused
 
 
 def test_script_fused_submodules_of_a_model(tmp_path):

@@ -1,6 +1,7 @@
 """Every Python example of the README and of docs/ runs as it stands, each in a fresh
 interpreter in an empty folder, so that none leans on another's names or files, and
-leaves that folder empty.
+leaves that folder as it found it. Each runs from a file of its own, as users run their
+code: crelu_ext.fuse reads the source of the forwards it rewrites.
 
 An example that needs an optional module or a GPU says so in its first line,
 ``# requires: onnx, onnxruntime`` (module names, or ``cuda``); it is skipped only where
@@ -65,9 +66,12 @@ def test_example_runs_on_its_own(code, tmp_path):
     # The crelu_ext these tests import, whether a checkout or an installed package.
     package_root = str(Path(crelu_ext.__file__).resolve().parents[1])
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
+    script, folder = tmp_path / "example.py", tmp_path / "run"
+    script.write_text(code)
+    folder.mkdir()
     result = subprocess.run(
-        [sys.executable, "-c", code],
-        cwd=tmp_path,
+        [sys.executable, str(script)],
+        cwd=folder,
         env=env,
         capture_output=True,
         text=True,
@@ -76,7 +80,7 @@ def test_example_runs_on_its_own(code, tmp_path):
     assert result.returncode == 0, f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}"
     # Run in a checkout, an example must not leave files there (exports go to a
     # temporary folder).
-    left = sorted(path.name for path in tmp_path.iterdir())
+    left = sorted(path.name for path in folder.iterdir())
     assert not left, f"the example left {left} in the folder it ran in"
 
 
