@@ -54,7 +54,7 @@ import torch.nn.functional as F
 from torch.nn.modules import module as _hooks
 
 from ._checks import FLOAT_DTYPES
-from .functional import eager_crelu
+from .functional import call_backend
 from .recompute import recompute as _recompute
 from .recompute import track
 
@@ -81,13 +81,13 @@ def fused_crelu(x: torch.Tensor, dim: int) -> torch.Tensor:
             return torch.ops.crelu_ext.crelu(x, dim, False)[0]
         return torch.cat([torch.relu(x), torch.relu(-x)], dim)
     if x.dtype in FLOAT_DTYPES:
-        return track(x, dim, eager_crelu(x, dim, "auto"))
+        return track(x, dim, call_backend(x, dim, "auto"))
     return torch.cat([torch.relu(x), torch.relu(-x)], dim)
 
 
 def _fused(x: torch.Tensor, dim: int) -> torch.Tensor:
     # A site's fused branch, once the site has checked x and dim.
-    return track(x, dim, eager_crelu(x, dim, "auto"))
+    return track(x, dim, call_backend(x, dim, "auto"))
 
 
 def recompute_if_eager():

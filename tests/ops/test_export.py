@@ -192,5 +192,5 @@ def test_aoti_package_runs_the_backends_kernels(tmp_path, backend_device):
 
 def test_readme_onnx_example_runs(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    exec(readme_example("Deploying"), {})
-    assert (tmp_path / "crelu.onnx").exists()
+    exec(readme_example("Deploying"), {})  # it checks onnxruntime's results itself
+    assert not list(tmp_path.iterdir()), "the example writes its files to a temporary folder"
