@@ -443,7 +443,7 @@ def _cat(node):
         return None
     if any(isinstance(e, ast.Starred) for e in tensors.elts):
         return None
-    if dim is not None and _has_effects(dim, calls=False):
+    if dim is not None and _binds_or_suspends(dim):
         return None
     parts = [_Part(node.func, "cat")]
     if dim is not None:
@@ -451,22 +451,19 @@ def _cat(node):
     return tensors.elts, parts, dim
 
 
-def _has_effects(node, calls: bool = True) -> bool:
-    """Whether evaluating ``node`` may bind a name or suspend (and, with
-    ``calls``, call anything)."""
+def _binds_or_suspends(node) -> bool:
+    """Whether evaluating ``node`` may bind a name or suspend."""
     kinds = (ast.NamedExpr, ast.Await, ast.Yield, ast.YieldFrom, ast.Lambda)
-    kinds += (ast.Call,) if calls else ()
     return any(isinstance(n, kinds) for n in ast.walk(node))
 
 
 def _same_operand(a, b) -> str | None:
     """``"name"`` when ``a`` and ``b`` are the same plain name, ``"expression"``
-    when they are the same call-free expression, else None."""
+    when they are the same expression written twice (``x.t()``, ``self.h``),
+    which fuse reports and leaves, else None."""
     if isinstance(a, ast.Name) and isinstance(b, ast.Name):
         return "name" if a.id == b.id else None
-    if _has_effects(a) or ast.dump(a) != ast.dump(b):
-        return None
-    return "expression"
+    return "expression" if ast.dump(a) == ast.dump(b) else None
 
 
 def _cat_of_negation(node):

@@ -196,6 +196,13 @@ def passthrough(function):
     return wrapper
 
 
+class CalledTwice(nn.Module):
+    """The operand is a call, written in each half: two calls, maybe two values."""
+
+    def forward(self, x):
+        return torch.cat([F.relu(x.t()), F.relu(-x.t())], -1)
+
+
 class Decorated(nn.Module):
     @passthrough
     def forward(self, x):
@@ -383,6 +390,7 @@ def test_what_fuse_leaves_it_names_once():
     model = nn.ModuleDict(
         {
             "partly": PartlyLeft(),
+            "called": CalledTwice(),
             "decorated": Decorated(),
             "local": LocalReLU(),
             "lambda": with_a_lambda(),
@@ -397,9 +405,10 @@ def test_what_fuse_leaves_it_names_once():
     assert len(messages) == 1
     assert fused.fused == ["partly: torch.cat([x, -x], -1).relu()"]
     left = {entry.module: entry for entry in fused.fuse_skipped}
-    assert sorted(left) == ["decorated", "hidden", "lambda", "local", "partly"]
+    assert sorted(left) == ["called", "decorated", "hidden", "lambda", "local", "partly"]
     assert left["partly"].idiom == "torch.cat([F.relu(pair[0]), F.relu(-pair[0])], -1)"
     assert "not a plain name" in left["partly"].reason
+    assert "`x.t()` is not a plain name" in left["called"].reason
     assert left["partly"].line == PartlyLeft.forward.__code__.co_firstlineno + 2
     assert "decorated" in left["decorated"].reason
     assert "`relu`" in left["local"].reason
