@@ -55,7 +55,9 @@ build: $(BUILT)
 # and the last line counts the tests of both; any failure fails the target.
 TESTS ?= tests
 TEST_RESULTS ?= build/test-results/test
-PYTEST = $(PYTEST_ENV_$(INSTALL)) $(PYTHON) -m pytest -q -p no:cacheprovider
+# pytest's processes (pytest-xdist), one per core by default
+TEST_JOBS ?= $(JOBS)
+PYTEST = $(PYTEST_ENV_$(INSTALL)) $(PYTHON) -m pytest -q -p no:cacheprovider -n $(TEST_JOBS)
 test: $(BUILT)
 	@mkdir -p $(dir $(TEST_RESULTS))
 	@rm -f $(TEST_RESULTS).xml $(TEST_RESULTS)-triton-cpu.xml
