@@ -1,8 +1,15 @@
 """The benchmark's noise judgement: its decisions on synthetic samples and load figures,
-so that nothing here depends on how busy the machine running the tests is."""
+and the harness's own loop with a synthetic clock and load, so that nothing here depends
+on how busy the machine running the tests is."""
+
+import csv
+import itertools
 
 import pytest
+import torch
 
+import crelu_ext
+from crelu_ext.bench import harness as bench
 from crelu_ext.bench import noise
 
 MS = 1e-3
@@ -106,3 +113,71 @@ def test_verdicts():
     # A noisy copy is said so.
     copy = noise.verdict(quiet, 48, 0, ratios, noisy_copies=1, copies=6)
     assert "  copy: the same-run copy noisy in 1 of 6 cases" in copy.lines[4]
+
+
+TICK = 2**-10  # about a millisecond, and sums of it are exact in floating point
+
+
+class FakeClock:
+    """Each pair of calls (start, stop) of a measurement spans the next number of ticks."""
+
+    def __init__(self, *ticks: int):
+        self.ticks, self.calls, self.durations = 0, 0, itertools.cycle(ticks)
+
+    def __call__(self) -> float:
+        self.calls += 1
+        if self.calls % 2 == 0:
+            self.ticks += next(self.durations)
+        return self.ticks * TICK
+
+
+def run_bench(monkeypatch, tmp_path, capsys, clock, others: float, load: float) -> tuple:
+    """The harness on one tiny shape, timed by ``clock``, on a machine where other
+    work keeps ``others`` threads runnable and the load average is ``load``; as many
+    cores as torch's threads. (printed output, CSV rows)"""
+    if "native" not in crelu_ext.available_backends("cpu"):
+        pytest.skip("the native CPU backend is not built")
+    monkeypatch.setattr(bench, "clock", clock)
+    monkeypatch.setattr(noise, "other_runnable_threads", lambda: others)
+    monkeypatch.setattr(noise, "load_average", lambda: load)
+    monkeypatch.setattr(noise, "cores", torch.get_num_threads)
+    bench.main(
+        ["--device", "cpu", "--reps", "10", "--providers", "native,eager", "--allocator",
+         "reuse", "--shape", "2,8,4,4", "--out", str(tmp_path)]
+    )  # fmt: skip
+    out = capsys.readouterr().out
+    with (tmp_path / "bench_cpu.csv").open() as f:
+        return out, list(csv.DictReader(f))
+
+
+def test_a_quiet_run_holds(monkeypatch, tmp_path, capsys):
+    out, rows = run_bench(monkeypatch, tmp_path, capsys, FakeClock(1), others=0.0, load=0.2)
+    last = out.strip().splitlines()[-4:]
+    assert last[0].startswith("Figures hold where not marked ~")
+    assert last[1].startswith("  load: other work kept 0.00 threads runnable")
+    assert last[2].startswith("  rows: 0 of 6 noisy")
+    for row in rows:
+        assert row["noisy"] == "False" and row["attempts"] == "1" and row["busy"] == "False"
+        assert float(row["p20_ms"]) == float(row["median_ms"]) == float(row["p80_ms"])
+        assert (row["load_start"], row["load_end"], row["others_runnable"]) == ("0.2", "0.2", "0.0")
+    # Both providers took the same time: ties, marked so, with no reason to distrust the run.
+    assert last[3].startswith("  ratios: 0 of 3 hold; 3 within their two rows' bands")
+    assert "forward ~1.00x eager" in out
+    assert all(row["speedup_vs_eager_holds"] in ("", "False") for row in rows)
+
+
+def test_a_loaded_run_says_it_is_unreliable(monkeypatch, tmp_path, capsys):
+    # Every other run takes three times as long, and two other threads want the cores.
+    out, rows = run_bench(monkeypatch, tmp_path, capsys, FakeClock(1, 3), others=2.0, load=4.7)
+    last = out.strip().splitlines()[-5:]
+    assert last[0].startswith("UNRELIABLE: busy machine, other work's load 2.00 over the 0 cores")
+    assert "6 of 6 rows noisy" in last[0]
+    assert "load average 4.70 at the start, 4.70 at the end" in last[1]
+    assert last[-1].startswith("  Compare providers only in a run on a quiet machine")
+    assert "forward ~" in out[out.index("\nsummary") :]
+    for row in rows:
+        assert row["noisy"] == "True" and row["busy"] == "True"
+        assert row["attempts"] == "2"  # taken again once (--retries 1), noisy still
+        assert float(row["relative_spread"]) == 1.0  # 1 to 3 ticks, median 2
+        assert row["fraction_of_copy_holds"] == "False" and row["copy_noisy"] == "True"
+        assert row["speedup_vs_eager_holds"] in ("", "False")
