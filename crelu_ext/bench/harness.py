@@ -28,7 +28,8 @@ free. A fraction of the copy holds where the row and the copy are steady and
 the machine was not busy. What does not hold is printed with a ~ prefix; the
 last lines say whether the run's figures hold, and if not why (the load, the
 noisy rows). The CSV keeps the quantiles, the judgements (noisy, *_holds), the
-load averages at the start and end, the sampled load and the thread count.
+load averages at the start and end, the sampled load and the thread count; the
+plots shade the bands.
 
 On CPU the allocator decides much of the result. glibc's malloc maps every
 allocation over 32 MB afresh, so each call's output pages fault on first
@@ -66,6 +67,7 @@ from .noise import (
     Verdict,
     judge_ratio,
     mark,
+    ratio_band,
     summarize,
     verdict,
 )
@@ -502,9 +504,48 @@ PROVIDER_STYLES = {
 }
 
 
-def plot_bandwidth(rows: list[dict], context: dict, path: Path) -> bool:
+def plot_series(ax, rows: list[dict], x, y, band, style: dict, label: str) -> None:
+    """One provider's line over ``rows`` (sorted by ``x(row)``), its 20-80
+    percentile band shaded where ``band(row)`` gives one, and red rings on
+    its noisy points."""
+    rows = sorted(rows, key=x)
+    xs = [x(r) for r in rows]
+    (line,) = ax.plot(xs, [y(r) for r in rows], label=label, **style)
+    bands = [band(r) for r in rows]
+    if all(b is not None for b in bands):
+        low, high = zip(*bands, strict=True)
+        ax.fill_between(xs, low, high, color=line.get_color(), alpha=0.15, linewidth=0)
+    noisy = [r for r in rows if r.get("noisy")]
+    if noisy:
+        labels = ax.get_legend_handles_labels()[1]
+        ax.scatter([x(r) for r in noisy], [y(r) for r in noisy], s=150, facecolors="none",
+                   edgecolors="red", linewidths=1.4, zorder=5,
+                   label=None if NOISY_LABEL in labels else NOISY_LABEL)  # fmt: skip
+
+
+NOISY_LABEL = f"noisy (20-80 percentile band > {NOISY_SPREAD:.2f} of the median)"
+
+
+def bandwidth_band(row: dict, prefix: str = "") -> tuple[float, float] | None:
+    """GB/s at the row's 80th and 20th percentile times, where it has them."""
+    if f"{prefix}p20_ms" not in row:
+        return None
+    gbps = row[f"{prefix}gbps"]
+    median = row[f"{prefix}median_ms"]
+    return gbps * median / row[f"{prefix}p80_ms"], gbps * median / row[f"{prefix}p20_ms"]
+
+
+def warn_on_plot(fig, warning: str | None) -> None:
+    if warning:
+        fig.text(0.5, 0.955, warning, color="red", ha="center", va="top", fontsize=10,
+                 fontweight="bold")  # fmt: skip
+
+
+def plot_bandwidth(rows: list[dict], context: dict, path: Path, warning: str | None = None) -> bool:
     """GB/s against input size over the sweep, one line per provider and the
-    same-run copy, one panel per direction. False when the run had no sweep."""
+    same-run copy, one panel per direction, with the 20-80 percentile bands
+    shaded and noisy points ringed; ``warning`` in red under the title. False
+    when the run had no sweep."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -520,13 +561,26 @@ def plot_bandwidth(rows: list[dict], context: dict, path: Path) -> bool:
     for ax, direction in zip(axes, DIRECTIONS, strict=True):
         these = [r for r in sweep_rows if r["direction"] == direction]
         for provider in dict.fromkeys(r["provider"] for r in these):
-            mine = [r for r in these if r["provider"] == provider]
-            points = sorted((r["input_bytes"], r["gbps"]) for r in mine)
-            style = PROVIDER_STYLES.get(provider, {"marker": "o"})
-            ax.plot(*zip(*points, strict=True), label=provider, **style)
-        copy = sorted({(r["input_bytes"], r["copy_gbps"]) for r in these})
-        ax.plot(*zip(*copy, strict=True), color="black", linestyle=(0, (6, 3)), linewidth=1.5,
-                label="same-run copy (read + write)")  # fmt: skip
+            plot_series(
+                ax,
+                [r for r in these if r["provider"] == provider],
+                x=lambda r: r["input_bytes"],
+                y=lambda r: r["gbps"],
+                band=bandwidth_band,
+                style=PROVIDER_STYLES.get(provider, {"marker": "o"}),
+                label=provider,
+            )
+        # One copy per size; as a row of its own, its noise flagged like a provider's.
+        copies = {r["input_bytes"]: {**r, "noisy": r.get("copy_noisy", False)} for r in these}
+        plot_series(
+            ax,
+            list(copies.values()),
+            x=lambda r: r["input_bytes"],
+            y=lambda r: r["copy_gbps"],
+            band=lambda r: bandwidth_band(r, "copy_"),
+            style={"color": "black", "linestyle": (0, (6, 3)), "linewidth": 1.5},
+            label="same-run copy (read + write)",
+        )
         ax.set_xscale("log", base=2)
         ax.set_title(direction)
         ax.set_xlabel(f"input x, bytes (x = (8, 64, s, s), s = {sides[0]} ... {sides[-1]})")
@@ -540,6 +594,7 @@ def plot_bandwidth(rows: list[dict], context: dict, path: Path) -> bool:
     fig.text(
         0.01,
         0.01,
+        "Lines: medians; shaded: the 20-80 percentile band of each point's runs. "
         "Minimal bytes for E input elements: forward reads E and writes 2E elements; backward "
         "reads the 2E gradient and the 2-bit mask and writes E; forward+backward is both.\n"
         "Same-run copy: dst.copy_(src) of an output-sized tensor in the same run, counting its "
@@ -549,7 +604,8 @@ def plot_bandwidth(rows: list[dict], context: dict, path: Path) -> bool:
         fontsize=8.5,
         va="bottom",
     )
-    fig.tight_layout(rect=(0, 0.1, 1, 1))
+    fig.tight_layout(rect=(0, 0.1, 1, 0.94 if warning else 1))
+    warn_on_plot(fig, warning)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
@@ -817,8 +873,10 @@ def print_small_summary(rows: list[dict]) -> None:
             )
 
 
-def plot_small(rows: list[dict], context: dict, path: Path) -> None:
-    """Speed-up over eager against elements: a panel per case and direction."""
+def plot_small(rows: list[dict], context: dict, path: Path, warning: str | None = None) -> None:
+    """Speed-up over eager against elements: a panel per case and direction,
+    with the bands of the ratios shaded (eager's 20th percentile over the
+    provider's 80th to eager's 80th over its 20th) and noisy points ringed."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -834,16 +892,25 @@ def plot_small(rows: list[dict], context: dict, path: Path) -> None:
         for j, direction in enumerate(directions):
             ax = axes[i][j]
             these = [r for r in rows if r["case"] == case and r["direction"] == direction]
+            eager = {r["elements"]: r for r in these if r["provider"] == "eager"}
+
+            def band(r, eager=eager):
+                if "p20_us" not in r or r["elements"] not in eager:
+                    return None
+                return ratio_band(row_timing(eager[r["elements"]], "us"), row_timing(r, "us"))
+
             for provider in dict.fromkeys(r["provider"] for r in these):
                 if provider == "eager":
                     continue
-                points = sorted(
-                    (r["elements"], r["speedup_vs_eager"])
-                    for r in these
-                    if r["provider"] == provider
+                plot_series(
+                    ax,
+                    [r for r in these if r["provider"] == provider],
+                    x=lambda r: r["elements"],
+                    y=lambda r: r["speedup_vs_eager"],
+                    band=band,
+                    style=PROVIDER_STYLES.get(provider, {"marker": "o"}),
+                    label=provider,
                 )
-                style = PROVIDER_STYLES.get(provider, {"marker": "o"})
-                ax.plot(*zip(*points, strict=True), label=provider, **style)
             ax.axhline(1.0, color="black", linestyle=(0, (6, 3)), linewidth=1.2,
                        label="eager (= 1)")  # fmt: skip
             ax.set_xscale("log", base=2)
@@ -862,10 +929,13 @@ def plot_small(rows: list[dict], context: dict, path: Path) -> None:
         0.01,
         0.005,
         "Eager: torch.cat([torch.relu(x), torch.relu(-x)], dim). Each point: median over "
-        "interleaved rounds of back-to-back calls; above 1 the provider is faster than eager.",
+        "interleaved rounds of back-to-back calls; above 1 the provider is faster than eager.\n"
+        "Shaded: the ratio's band, eager's 20th percentile over the provider's 80th to eager's "
+        "80th over its 20th; ringed: a noisy provider.",
         fontsize=8.5,
     )
-    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    fig.tight_layout(rect=(0, 0.045, 1, 0.95 if warning else 1))
+    warn_on_plot(fig, warning)
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -896,7 +966,7 @@ def run_small_sweep(args, device: torch.device, dtype, context: dict, load: Load
         rows,
         {**context, **load.context()},
         f"bench_small_{device.type}.csv",
-        lambda path: plot_small(rows, context, path) or True,
+        lambda path, warning: plot_small(rows, context, path, warning) or True,
         f"small_{device.type}.png",
     )
 
@@ -911,7 +981,8 @@ def save_and_close(args, judged, rows, context, csv_name, plot, plot_name) -> No
         append_results(rows, context, csv_path)
         print(f"appended to {csv_path}", file=sys.stderr)
         plot_path = args.out / plot_name
-        if plot(plot_path):
+        warning = None if judged.reliable else judged.headline.partition(". Every")[0]
+        if plot(plot_path, warning):
             print(f"plot: {plot_path}", file=sys.stderr)
     sys.stderr.flush()
     print_verdict(judged)
@@ -1047,7 +1118,7 @@ def main(argv: list[str] | None = None) -> None:
         rows,
         {**context, **load.context()},
         f"bench_{device.type}.csv",
-        lambda path: plot_bandwidth(rows, context, path),
+        lambda path, warning: plot_bandwidth(rows, context, path, warning),
         f"bandwidth_{device.type}.png",
     )
 

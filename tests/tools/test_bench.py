@@ -102,6 +102,12 @@ def test_plot_covers_the_sweep(tmp_path):
     context = {"device": "test", "torch": "x", "date": "2026-11-28T00:00:00"}
     assert bench.plot_bandwidth(rows, context, tmp_path / "plot.png")
     assert (tmp_path / "plot.png").stat().st_size > 10_000
+    # With the runs' bands, noisy points and a warning.
+    for row in rows:
+        row.update(median_ms=1.0, p20_ms=0.9, p80_ms=1.2, noisy=row["provider"] == "eager")
+        row.update(copy_median_ms=2.0, copy_p20_ms=1.0, copy_p80_ms=3.0, copy_noisy=True)
+    assert bench.plot_bandwidth(rows, context, tmp_path / "bands.png", "UNRELIABLE: test")
+    assert (tmp_path / "bands.png").stat().st_size > (tmp_path / "plot.png").stat().st_size
 
 
 def test_small_sweep_times_every_size_and_plots(tmp_path, capsys):
