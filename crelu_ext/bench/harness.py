@@ -17,6 +17,20 @@ where launch and framework overhead decide: an MLP activation (B, 256) with
 dim=-1 and an NCHW one (B, 16, 8, 8) with dim=1, forward and forward+backward,
 interleaving the providers round by round.
 
+Noise (crelu_ext/bench/noise.py): every row keeps its median and its 20th and
+80th percentiles. A row is noisy when that band is wider than 0.25 of its
+median; it is measured again (--retries) and the narrowest attempt kept. A ratio
+(vs eager, vs compile, x relu) holds only where both rows are steady, their
+bands do not overlap and the machine was not busy: other processes' runnable
+threads, sampled after every measurement (Linux; else the 1-minute load
+average), more than half a core over the cores the benchmark's threads leave
+free. A fraction of the copy holds where the row and the copy are steady and
+the machine was not busy. What does not hold is printed with a ~ prefix; the
+last lines say whether the run's figures hold, and if not why (the load, the
+noisy rows). The CSV keeps the quantiles, the judgements (noisy, *_holds), the
+load averages at the start and end, the sampled load and the thread count; the
+plots shade the bands.
+
 On CPU the allocator decides much of the result. glibc's malloc maps every
 allocation over 32 MB afresh, so each call's output pages fault on first
 touch and the OS zeroes them: every provider then runs at the page-fault rate
@@ -45,6 +59,18 @@ import torch
 from .. import __version__, reference
 from .._memory import peak_memory, saved_bytes
 from ..functional import available_backends, crelu
+from .noise import (
+    JUDGEMENTS,
+    NOISY_SPREAD,
+    LoadMonitor,
+    Timing,
+    Verdict,
+    judge_ratio,
+    mark,
+    ratio_band,
+    summarize,
+    verdict,
+)
 
 DIRECTIONS = ("forward", "backward", "forward+backward")
 # A copy shorter than this many one-element copies is mostly the call's fixed
@@ -105,19 +131,23 @@ def device_name(device: torch.device) -> str:
     return platform.processor() or platform.machine()
 
 
+# The clock of every CPU measurement; the tests replace it to inject noise.
+clock = time.perf_counter
+
+
 def timer(device: torch.device, reps: int):
-    """``measure(step, setup=None) -> (median seconds, spread seconds)``, after
-    warm-up; the spread is half the 20-80 percentile range. With ``setup``,
-    each run times ``step(setup())`` without the setup: the backward alone
-    needs a fresh forward each time (a compiled backward runs only once)."""
+    """``measure(step, setup=None) -> Timing`` (median, 20th and 80th percentile
+    seconds), after warm-up. With ``setup``, each run times ``step(setup())``
+    without the setup: the backward alone needs a fresh forward each time (a
+    compiled backward runs only once)."""
     cuda = device.type == "cuda"
 
-    def measure(step, setup=None):
+    def measure(step, setup=None) -> Timing:
         if cuda and setup is None:
             from triton.testing import do_bench
 
             median, low, high = do_bench(step, warmup=25, rep=100, quantiles=[0.5, 0.2, 0.8])
-            return median / 1e3, (high - low) / 2e3
+            return Timing(median / 1e3, low / 1e3, high / 1e3)
         prepare = setup or (lambda: None)
         run = step if setup else (lambda _: step())
         for _ in range(3):  # compiles, and lets the allocator reach its steady state
@@ -134,13 +164,25 @@ def timer(device: torch.device, reps: int):
                 end.synchronize()
                 times.append(start.elapsed_time(end) / 1e3)
             else:
-                t0 = time.perf_counter()
+                t0 = clock()
                 run(argument)
-                times.append(time.perf_counter() - t0)
-        quantiles = statistics.quantiles(times, n=10)
-        return statistics.median(times), (quantiles[7] - quantiles[1]) / 2
+                times.append(clock() - t0)
+        return summarize(times)
 
     return measure
+
+
+def measure_steadily(measure, step, setup=None, retries: int = 0) -> tuple[Timing, int]:
+    """(timing, attempts): a noisy measurement is taken again, up to ``retries``
+    more times, and the attempt with the narrowest band kept: a passing
+    disturbance widens the band of the attempt it hits."""
+    best, attempts = measure(step, setup), 1
+    while best.noisy and attempts <= retries:
+        again = measure(step, setup)
+        attempts += 1
+        if again.relative_spread < best.relative_spread:
+            best = again
+    return best, attempts
 
 
 def use_reusing_allocator() -> bool:
@@ -218,21 +260,53 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def run_shape(shape: Shape, dtype, device, fns: dict, measure, allocator: str) -> list[dict]:
+# The providers every row's speed-up is taken against (speedup_vs_<peer>), and
+# the columns that make a case: its rows are compared with one another.
+PEERS = ("eager", "compile", "compile-catcopy")
+LARGE_RATIOS = {f"speedup_vs_{peer}": (peer, True) for peer in PEERS}
+LARGE_GROUP = ("case", "shape", "layout", "dtype", "allocator", "direction")
+
+
+def timing_columns(timing: Timing, attempts: int, unit: str, scale: float) -> dict:
+    """A row's quantiles and noise: beside its median (``median_<unit>``)."""
+    return {
+        f"p20_{unit}": timing.low * scale,
+        f"p80_{unit}": timing.high * scale,
+        "relative_spread": timing.relative_spread,
+        "noisy": timing.noisy,
+        "attempts": attempts,
+    }
+
+
+def run_shape(
+    shape: Shape,
+    dtype,
+    device,
+    fns: dict,
+    measure,
+    allocator: str,
+    retries: int = 0,
+    load: LoadMonitor | None = None,
+) -> list[dict]:
+    """Every provider and direction at ``shape``; ``load`` is sampled after
+    every measurement."""
+    sample = load.sample if load else lambda: None
     x = torch.randn(shape.dims, dtype=dtype, device=device)
     if shape.layout == "channels_last":
         x = x.to(memory_format=torch.channels_last)
     numel, size = x.numel(), x.element_size()
     grad = torch.randn_like(torch.cat([x, x], 1))
     src, dst = torch.randn_like(grad), torch.empty_like(grad)
-    copy_seconds, _ = measure(lambda: dst.copy_(src))
-    copy_bandwidth = 2 * src.numel() * size / copy_seconds
+    copy, _ = measure_steadily(measure, lambda: dst.copy_(src), retries=retries)
+    sample()
+    copy_bandwidth = 2 * src.numel() * size / copy.median
     rows = []
     for name, fn in fns.items():
         kept = saved_bytes(lambda fn=fn: fn(x.detach().requires_grad_(True), 1))
         for direction, (step, setup) in steps(fn, x, grad).items():
-            seconds, spread = measure(step, setup)
-            bandwidth = minimal_bytes(direction, numel, size) / seconds
+            timing, attempts = measure_steadily(measure, step, setup, retries)
+            sample()
+            bandwidth = minimal_bytes(direction, numel, size) / timing.median
             rows.append(
                 {
                     "case": shape.name,
@@ -243,8 +317,8 @@ def run_shape(shape: Shape, dtype, device, fns: dict, measure, allocator: str) -
                     "direction": direction,
                     "allocator": allocator,
                     "provider": name,
-                    "median_ms": seconds * 1e3,
-                    "spread_ms": spread * 1e3,
+                    "median_ms": timing.median * 1e3,
+                    "spread_ms": timing.spread * 1e3,
                     "gbps": bandwidth / 1e9,
                     "copy_gbps": copy_bandwidth / 1e9,
                     "fraction_of_copy": bandwidth / copy_bandwidth,
@@ -252,28 +326,75 @@ def run_shape(shape: Shape, dtype, device, fns: dict, measure, allocator: str) -
                     "peak_bytes": peak_memory(step, device)
                     if direction == "forward+backward"
                     else None,
+                    **timing_columns(timing, attempts, "ms", 1e3),
+                    "copy_median_ms": copy.median * 1e3,
+                    "copy_p20_ms": copy.low * 1e3,
+                    "copy_p80_ms": copy.high * 1e3,
+                    "copy_noisy": copy.noisy,
                 }
             )
     for direction in DIRECTIONS:
         same = [row for row in rows if row["direction"] == direction]
         by_name = {row["provider"]: row["median_ms"] for row in same}
         for row in same:
-            for peer in ("eager", "compile", "compile-catcopy"):
+            for peer in PEERS:
                 row[f"speedup_vs_{peer}"] = (
                     by_name[peer] / row["median_ms"] if peer in by_name else ""
                 )
     return rows
 
 
+def row_timing(row: dict, unit: str, prefix: str = "") -> Timing:
+    """A row's Timing (in the row's unit) from its CSV columns."""
+    median = "us_per_call" if unit == "us" and not prefix else f"{prefix}median_{unit}"
+    return Timing(row[median], row[f"{prefix}p20_{unit}"], row[f"{prefix}p80_{unit}"])
+
+
+def judge_ratios(rows: list[dict], group: tuple, unit: str, ratios: dict, busy: bool) -> dict:
+    """Adds ``<column>_holds`` beside each ratio column: True where the ratio
+    holds (noise.judge_ratio), False where it does not, "" for a provider against
+    itself or a missing peer. ``ratios``: column -> (peer, whether the column is
+    the peer's time over the row's); ``group``: the columns rows compare within.
+    Returns how many ratios got each judgement."""
+    counts = dict.fromkeys(JUDGEMENTS, 0)
+    cases: dict = {}
+    for row in rows:
+        cases.setdefault(tuple(row[key] for key in group), {})[row["provider"]] = row
+    for same in cases.values():
+        for row in same.values():
+            for column, (peer, peer_over_row) in ratios.items():
+                if peer not in same or peer == row["provider"]:
+                    row[f"{column}_holds"] = ""
+                    continue
+                mine, theirs = row_timing(row, unit), row_timing(same[peer], unit)
+                numerator, denominator = (theirs, mine) if peer_over_row else (mine, theirs)
+                judgement = judge_ratio(numerator, denominator, busy)
+                counts[judgement] += 1
+                row[f"{column}_holds"] = judgement == "holds"
+    return counts
+
+
+def judge_copy(rows: list[dict], busy: bool) -> None:
+    """Adds ``fraction_of_copy_holds``: neither the row nor its same-run copy
+    noisy, and the machine not busy."""
+    for row in rows:
+        row["fraction_of_copy_holds"] = not (busy or row["noisy"] or row["copy_noisy"])
+
+
 def ratio(value) -> str:
     return f"{value:.2f}x" if value != "" else "-"
+
+
+def judged_ratio(row: dict, column: str) -> str:
+    """The ratio as printed: ``~`` before one that does not hold."""
+    return mark(ratio(row[column]), row.get(f"{column}_holds", "") is not False)
 
 
 def fixed_copy_seconds(device: torch.device, measure) -> float:
     """The median time of copying one element: what a copy costs besides memory."""
     src = torch.zeros(1, device=device)
     dst = torch.empty_like(src)
-    return measure(lambda: dst.copy_(src))[0]
+    return measure(lambda: dst.copy_(src)).median
 
 
 def copy_fraction(row: dict, min_copy_seconds: float) -> str:
@@ -284,16 +405,30 @@ def copy_fraction(row: dict, min_copy_seconds: float) -> str:
     return f"{row['fraction_of_copy']:.2f}" if copy_seconds >= min_copy_seconds else "—"
 
 
+def spread_cell(row: dict) -> str:
+    """The row's 20-80 percentile band over its median, "noisy" beside a wide one."""
+    return f"{row['relative_spread']:.2f}" + (" noisy" if row["noisy"] else "")
+
+
+def judged_fraction(row: dict, min_copy_seconds: float) -> str:
+    fraction = copy_fraction(row, min_copy_seconds)
+    return mark(fraction, fraction == "—" or row.get("fraction_of_copy_holds", True))
+
+
 def print_table(rows: list[dict], min_copy_seconds: float) -> None:
     """One table per direction, dtype and allocator, each with its header."""
     print(
         "GB/s: minimal bytes / median time. vs X: X's median time / this one's.\n"
         f"/copy: GB/s over a same-run copy's, where the copy took {min_copy_seconds * 1e6:.0f} us "
-        f"or more ({COPY_MIN_FIXED_COSTS}x a one-element copy; else —, as fixed costs decide)."
+        f"or more ({COPY_MIN_FIXED_COSTS}x a one-element copy; else —, as fixed costs decide).\n"
+        "spread: the 20-80 percentile band over the median; noisy above "
+        f"{NOISY_SPREAD:.2f}. ~: a figure that does not hold (a noisy row or copy, a busy "
+        "machine, or a ratio within the two rows' bands)."
     )
     header = (
-        f"{'shape':>16} {'layout':>13} {'provider':>15} {'ms':>9} {'±ms':>7} {'GB/s':>7} "
-        f"{'/copy':>6} {'saved B/el':>10} {'vs eager':>8} {'vs compile':>10}"
+        f"{'shape':>16} {'layout':>13} {'provider':>15} {'ms':>9} {'±ms':>7} "
+        f"{'spread':>11} {'GB/s':>7} {'/copy':>6} {'saved B/el':>10} {'vs eager':>8} "
+        f"{'vs compile':>10}"
     )
     groups = dict.fromkeys((r["dtype"], r["allocator"]) for r in rows)
     for direction in DIRECTIONS:
@@ -313,12 +448,13 @@ def print_table(rows: list[dict], min_copy_seconds: float) -> None:
                 case = (r["shape"], r["layout"])
                 shape, layout = case if case != previous else ("", "")
                 previous = case
-                fraction = copy_fraction(r, min_copy_seconds)
                 print(
                     f"{shape:>16} {layout:>13} {r['provider']:>15} {r['median_ms']:9.3f} "
-                    f"{r['spread_ms']:7.3f} {r['gbps']:7.2f} {fraction:>6} "
+                    f"{r['spread_ms']:7.3f} {spread_cell(r):>11} {r['gbps']:7.2f} "
+                    f"{judged_fraction(r, min_copy_seconds):>6} "
                     f"{r['saved_bytes_per_element']:10.2f} "
-                    f"{ratio(r['speedup_vs_eager']):>8} {ratio(r['speedup_vs_compile']):>10}"
+                    f"{judged_ratio(r, 'speedup_vs_eager'):>8} "
+                    f"{judged_ratio(r, 'speedup_vs_compile'):>10}"
                 )
 
 
@@ -368,9 +504,48 @@ PROVIDER_STYLES = {
 }
 
 
-def plot_bandwidth(rows: list[dict], context: dict, path: Path) -> bool:
+def plot_series(ax, rows: list[dict], x, y, band, style: dict, label: str) -> None:
+    """One provider's line over ``rows`` (sorted by ``x(row)``), its 20-80
+    percentile band shaded where ``band(row)`` gives one, and red rings on
+    its noisy points."""
+    rows = sorted(rows, key=x)
+    xs = [x(r) for r in rows]
+    (line,) = ax.plot(xs, [y(r) for r in rows], label=label, **style)
+    bands = [band(r) for r in rows]
+    if all(b is not None for b in bands):
+        low, high = zip(*bands, strict=True)
+        ax.fill_between(xs, low, high, color=line.get_color(), alpha=0.15, linewidth=0)
+    noisy = [r for r in rows if r.get("noisy")]
+    if noisy:
+        labels = ax.get_legend_handles_labels()[1]
+        ax.scatter([x(r) for r in noisy], [y(r) for r in noisy], s=150, facecolors="none",
+                   edgecolors="red", linewidths=1.4, zorder=5,
+                   label=None if NOISY_LABEL in labels else NOISY_LABEL)  # fmt: skip
+
+
+NOISY_LABEL = f"noisy (20-80 percentile band > {NOISY_SPREAD:.2f} of the median)"
+
+
+def bandwidth_band(row: dict, prefix: str = "") -> tuple[float, float] | None:
+    """GB/s at the row's 80th and 20th percentile times, where it has them."""
+    if f"{prefix}p20_ms" not in row:
+        return None
+    gbps = row[f"{prefix}gbps"]
+    median = row[f"{prefix}median_ms"]
+    return gbps * median / row[f"{prefix}p80_ms"], gbps * median / row[f"{prefix}p20_ms"]
+
+
+def warn_on_plot(fig, warning: str | None) -> None:
+    if warning:
+        fig.text(0.5, 0.955, warning, color="red", ha="center", va="top", fontsize=10,
+                 fontweight="bold")  # fmt: skip
+
+
+def plot_bandwidth(rows: list[dict], context: dict, path: Path, warning: str | None = None) -> bool:
     """GB/s against input size over the sweep, one line per provider and the
-    same-run copy, one panel per direction. False when the run had no sweep."""
+    same-run copy, one panel per direction, with the 20-80 percentile bands
+    shaded and noisy points ringed; ``warning`` in red under the title. False
+    when the run had no sweep."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -386,13 +561,26 @@ def plot_bandwidth(rows: list[dict], context: dict, path: Path) -> bool:
     for ax, direction in zip(axes, DIRECTIONS, strict=True):
         these = [r for r in sweep_rows if r["direction"] == direction]
         for provider in dict.fromkeys(r["provider"] for r in these):
-            mine = [r for r in these if r["provider"] == provider]
-            points = sorted((r["input_bytes"], r["gbps"]) for r in mine)
-            style = PROVIDER_STYLES.get(provider, {"marker": "o"})
-            ax.plot(*zip(*points, strict=True), label=provider, **style)
-        copy = sorted({(r["input_bytes"], r["copy_gbps"]) for r in these})
-        ax.plot(*zip(*copy, strict=True), color="black", linestyle=(0, (6, 3)), linewidth=1.5,
-                label="same-run copy (read + write)")  # fmt: skip
+            plot_series(
+                ax,
+                [r for r in these if r["provider"] == provider],
+                x=lambda r: r["input_bytes"],
+                y=lambda r: r["gbps"],
+                band=bandwidth_band,
+                style=PROVIDER_STYLES.get(provider, {"marker": "o"}),
+                label=provider,
+            )
+        # One copy per size; as a row of its own, its noise flagged like a provider's.
+        copies = {r["input_bytes"]: {**r, "noisy": r.get("copy_noisy", False)} for r in these}
+        plot_series(
+            ax,
+            list(copies.values()),
+            x=lambda r: r["input_bytes"],
+            y=lambda r: r["copy_gbps"],
+            band=lambda r: bandwidth_band(r, "copy_"),
+            style={"color": "black", "linestyle": (0, (6, 3)), "linewidth": 1.5},
+            label="same-run copy (read + write)",
+        )
         ax.set_xscale("log", base=2)
         ax.set_title(direction)
         ax.set_xlabel(f"input x, bytes (x = (8, 64, s, s), s = {sides[0]} ... {sides[-1]})")
@@ -406,6 +594,7 @@ def plot_bandwidth(rows: list[dict], context: dict, path: Path) -> bool:
     fig.text(
         0.01,
         0.01,
+        "Lines: medians; shaded: the 20-80 percentile band of each point's runs. "
         "Minimal bytes for E input elements: forward reads E and writes 2E elements; backward "
         "reads the 2E gradient and the 2-bit mask and writes E; forward+backward is both.\n"
         "Same-run copy: dst.copy_(src) of an output-sized tensor in the same run, counting its "
@@ -415,7 +604,8 @@ def plot_bandwidth(rows: list[dict], context: dict, path: Path) -> bool:
         fontsize=8.5,
         va="bottom",
     )
-    fig.tight_layout(rect=(0, 0.1, 1, 1))
+    fig.tight_layout(rect=(0, 0.1, 1, 0.94 if warning else 1))
+    warn_on_plot(fig, warning)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
@@ -423,13 +613,13 @@ def plot_bandwidth(rows: list[dict], context: dict, path: Path) -> bool:
 
 def print_summary(rows: list[dict], min_copy_seconds: float) -> None:
     """Per shape: native's speed-ups over eager and torch.compile, and its
-    fraction of the same-run copy's bandwidth."""
+    fraction of the same-run copy's bandwidth; ``~`` where a figure does not hold."""
     native = [r for r in rows if r["provider"] == "native"]
     if not native:
         return
     print(
         "\nsummary, native (speed-up = other's time / native's; copy = native GB/s / copy GB/s, "
-        "where the copy is long enough to tell):"
+        "where the copy is long enough to tell; ~: does not hold, see the closing lines):"
     )
     cases = dict.fromkeys((r["shape"], r["layout"], r["dtype"], r["allocator"]) for r in native)
     for shape, layout, dtype, allocator in cases:
@@ -437,13 +627,49 @@ def print_summary(rows: list[dict], min_copy_seconds: float) -> None:
         for r in native:
             if (r["shape"], r["layout"], r["dtype"], r["allocator"]) == (shape, layout, dtype,
                                                                         allocator):  # fmt: skip
-                fraction = copy_fraction(r, min_copy_seconds)
+                fraction = judged_fraction(r, min_copy_seconds)
                 parts.append(
-                    f"{r['direction']} {ratio(r['speedup_vs_eager'])} eager, "
-                    f"{ratio(r['speedup_vs_compile'])} compile"
+                    f"{r['direction']} {judged_ratio(r, 'speedup_vs_eager')} eager, "
+                    f"{judged_ratio(r, 'speedup_vs_compile')} compile"
                     + (f", {fraction} of copy" if fraction != "—" else "")
                 )
         print(f"  {shape} {layout} {dtype} {allocator}: " + "; ".join(parts))
+
+
+def judge_run(
+    rows: list[dict],
+    load: LoadMonitor,
+    ratios: dict,
+    group: tuple,
+    unit: str,
+    min_copy_seconds: float | None = None,
+) -> Verdict:
+    """Judges every ratio (and, for the bandwidth rows, every fraction of the
+    copy) of the run; the verdict whose lines close its output."""
+    counts = judge_ratios(rows, group, unit, ratios, load.busy)
+    noisy_copies = copies = 0
+    if min_copy_seconds is not None:
+        judge_copy(rows, load.busy)
+        # One copy per case; counted where its fraction is shown.
+        shown = {
+            tuple(r[key] for key in group if key != "direction"): r["copy_noisy"]
+            for r in rows
+            if copy_fraction(r, min_copy_seconds) != "—"
+        }
+        copies, noisy_copies = len(shown), sum(shown.values())
+    return verdict(
+        load,
+        rows=len(rows),
+        noisy_rows=sum(bool(r["noisy"]) for r in rows),
+        ratios=counts,
+        noisy_copies=noisy_copies,
+        copies=copies,
+    )
+
+
+def print_verdict(judged: Verdict) -> None:
+    """The closing lines: whether the figures hold, and why not."""
+    print("", *judged.lines, sep="\n", flush=True)
 
 
 # ---- --sizes small: per-call cost where overhead decides ----
@@ -468,24 +694,25 @@ def time_per_call(run, device: torch.device, calls: int) -> tuple[float, float]:
     cuda = device.type == "cuda"
     if cuda:
         torch.cuda.synchronize(device)
-    t0 = time.perf_counter()
+    t0 = clock()
     for _ in range(calls):
         run()
-    host = time.perf_counter() - t0
+    host = clock() - t0
     if cuda:
         torch.cuda.synchronize(device)
-    return (time.perf_counter() - t0) / calls, host / calls
+    return (clock() - t0) / calls, host / calls
 
 
-def interleaved_medians(runs: dict, device: torch.device, rounds: int) -> dict:
-    """name -> (seconds, host seconds) per call of ``runs[name]()``: each round
-    times every run once, in a rotating order; the medians over rounds."""
+def interleaved_timings(runs: dict, device: torch.device, rounds: int) -> dict:
+    """name -> (Timing, host seconds) per call of ``runs[name]()``: each round
+    times every run once, in a rotating order; the median and the 20th and 80th
+    percentiles over rounds, and the median host time."""
     for run in runs.values():  # compiles, warms up
         for _ in range(3):
             run()
     # About 2 ms of calls per measurement.
     calls = {
-        name: max(5, min(2000, int(2e-3 / time_per_call(run, device, 5)[0])))
+        name: max(5, min(2000, int(2e-3 / max(time_per_call(run, device, 5)[0], 1e-9))))
         for name, run in runs.items()
     }
     samples = {name: [] for name in runs}
@@ -494,12 +721,40 @@ def interleaved_medians(runs: dict, device: torch.device, rounds: int) -> dict:
         for name in names[r % len(names) :] + names[: r % len(names)]:
             samples[name].append(time_per_call(runs[name], device, calls[name]))
     return {
-        name: (statistics.median(t for t, _ in these), statistics.median(h for _, h in these))
+        name: (summarize([t for t, _ in these]), statistics.median(h for _, h in these))
         for name, these in samples.items()
     }
 
 
-def run_small(case, dims, dim, dtype, device, fns: dict, rounds: int) -> list[dict]:
+def interleaved_steadily(runs: dict, device, rounds: int, retries: int) -> tuple[dict, int]:
+    """(interleaved_timings, attempts): where a provider's timing is noisy, all of
+    them are timed again, up to ``retries`` more times, and the attempt with the
+    fewest noisy providers (then the narrowest widest band) kept."""
+
+    def badness(timings):
+        bands = [timing.relative_spread for timing, _ in timings.values()]
+        return sum(band > NOISY_SPREAD for band in bands), max(bands)
+
+    best, attempts = interleaved_timings(runs, device, rounds), 1
+    while badness(best)[0] and attempts <= retries:
+        again = interleaved_timings(runs, device, rounds)
+        attempts += 1
+        if badness(again) < badness(best):
+            best = again
+    return best, attempts
+
+
+def run_small(
+    case,
+    dims,
+    dim,
+    dtype,
+    device,
+    fns: dict,
+    rounds: int,
+    retries: int = 0,
+    load: LoadMonitor | None = None,
+) -> list[dict]:
     """Forward and forward+backward of every provider, interleaved."""
     x = torch.randn(dims, dtype=dtype, device=device)
     xg = x.detach().requires_grad_(True)
@@ -522,8 +777,12 @@ def run_small(case, dims, dim, dtype, device, fns: dict, rounds: int) -> list[di
         # a torch.no_grad() around each call would cost more than the call.
         with torch.set_grad_enabled(direction != "forward"):
             runs = {name: make_step(fn) for name, fn in fns.items()}
-            medians = interleaved_medians(runs, device, rounds)
-        for name, (seconds, host) in medians.items():
+            timings, attempts = interleaved_steadily(runs, device, rounds, retries)
+        if load:
+            load.sample()
+        medians = {name: timing.median for name, (timing, _) in timings.items()}
+        for name, (timing, host) in timings.items():
+            seconds = timing.median
             rows.append(
                 {
                     "case": case,
@@ -535,21 +794,36 @@ def run_small(case, dims, dim, dtype, device, fns: dict, rounds: int) -> list[di
                     "provider": name,
                     "us_per_call": seconds * 1e6,
                     "host_us_per_call": host * 1e6,
-                    "speedup_vs_eager": medians["eager"][0] / seconds if "eager" in medians else "",
+                    "speedup_vs_eager": medians["eager"] / seconds if "eager" in medians else "",
                     "speedup_vs_compile": (
-                        medians["compile"][0] / seconds if "compile" in medians else ""
+                        medians["compile"] / seconds if "compile" in medians else ""
                     ),
-                    "cost_vs_relu": seconds / medians["relu"][0] if "relu" in medians else "",
+                    "cost_vs_relu": seconds / medians["relu"] if "relu" in medians else "",
+                    **timing_columns(timing, attempts, "us", 1e6),
                 }
             )
     return rows
 
 
+# The ratio columns of the small sweep: column -> (peer, peer's time over the row's).
+SMALL_RATIOS = {
+    "speedup_vs_eager": ("eager", True),
+    "speedup_vs_compile": ("compile", True),
+    "cost_vs_relu": ("relu", False),
+}
+SMALL_GROUP = ("case", "shape", "dim", "direction")
+
+
 def print_small_table(rows: list[dict], device: torch.device) -> None:
     """One table per case and direction, each with its header."""
     host = device.type == "cuda"
+    print(
+        "\nus/call: the median over interleaved rounds. spread: the 20-80 percentile band over "
+        f"the median; noisy above {NOISY_SPREAD:.2f}. ~: a ratio that does not hold (a noisy "
+        "row, a busy machine, or within the two rows' bands)."
+    )
     header = (
-        f"{'shape':>14} {'provider':>10} {'us/call':>9} "
+        f"{'shape':>14} {'provider':>10} {'us/call':>9} {'spread':>11} "
         + (f"{'host us':>8} " if host else "")
         + f"{'vs eager':>8} {'vs compile':>10} {'x relu':>7}"
     )
@@ -564,10 +838,11 @@ def print_small_table(rows: list[dict], device: torch.device) -> None:
             shape = r["shape"] if r["shape"] != previous else ""
             previous = r["shape"]
             print(
-                f"{shape:>14} {r['provider']:>10} {r['us_per_call']:9.2f} "
+                f"{shape:>14} {r['provider']:>10} {r['us_per_call']:9.2f} {spread_cell(r):>11} "
                 + (f"{r['host_us_per_call']:8.2f} " if host else "")
-                + f"{ratio(r['speedup_vs_eager']):>8} {ratio(r['speedup_vs_compile']):>10} "
-                + f"{ratio(r['cost_vs_relu']):>7}"
+                + f"{judged_ratio(r, 'speedup_vs_eager'):>8} "
+                + f"{judged_ratio(r, 'speedup_vs_compile'):>10} "
+                + f"{judged_ratio(r, 'cost_vs_relu'):>7}"
             )
 
 
@@ -575,7 +850,8 @@ def print_small_summary(rows: list[dict]) -> None:
     """The worst ratio of each provider over the sizes, per case and direction."""
     print(
         "\nsummary, worst speed-up over 2^10..2^20 elements (eager's time / provider's), "
-        "and the cost of a call at the smallest size in torch.relu calls:"
+        "and the cost of a call at the smallest size in torch.relu calls "
+        "(~: does not hold, see the closing lines):"
     )
     keys = dict.fromkeys((r["case"], r["direction"], r["provider"]) for r in rows)
     for case, direction, provider in keys:
@@ -591,14 +867,16 @@ def print_small_summary(rows: list[dict]) -> None:
             worst = min(mine, key=lambda r: r["speedup_vs_eager"])
             smallest = min(mine, key=lambda r: r["elements"])
             print(
-                f"  {case:>4} {direction:>16} {provider:>10}: {ratio(worst['speedup_vs_eager'])} "
-                f"at {worst['elements']} elements; {ratio(smallest['cost_vs_relu'])} relu "
-                f"at {smallest['elements']}"
+                f"  {case:>4} {direction:>16} {provider:>10}: "
+                f"{judged_ratio(worst, 'speedup_vs_eager')} at {worst['elements']} elements; "
+                f"{judged_ratio(smallest, 'cost_vs_relu')} relu at {smallest['elements']}"
             )
 
 
-def plot_small(rows: list[dict], context: dict, path: Path) -> None:
-    """Speed-up over eager against elements: a panel per case and direction."""
+def plot_small(rows: list[dict], context: dict, path: Path, warning: str | None = None) -> None:
+    """Speed-up over eager against elements: a panel per case and direction,
+    with the bands of the ratios shaded (eager's 20th percentile over the
+    provider's 80th to eager's 80th over its 20th) and noisy points ringed."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -614,16 +892,25 @@ def plot_small(rows: list[dict], context: dict, path: Path) -> None:
         for j, direction in enumerate(directions):
             ax = axes[i][j]
             these = [r for r in rows if r["case"] == case and r["direction"] == direction]
+            eager = {r["elements"]: r for r in these if r["provider"] == "eager"}
+
+            def band(r, eager=eager):
+                if "p20_us" not in r or r["elements"] not in eager:
+                    return None
+                return ratio_band(row_timing(eager[r["elements"]], "us"), row_timing(r, "us"))
+
             for provider in dict.fromkeys(r["provider"] for r in these):
                 if provider == "eager":
                     continue
-                points = sorted(
-                    (r["elements"], r["speedup_vs_eager"])
-                    for r in these
-                    if r["provider"] == provider
+                plot_series(
+                    ax,
+                    [r for r in these if r["provider"] == provider],
+                    x=lambda r: r["elements"],
+                    y=lambda r: r["speedup_vs_eager"],
+                    band=band,
+                    style=PROVIDER_STYLES.get(provider, {"marker": "o"}),
+                    label=provider,
                 )
-                style = PROVIDER_STYLES.get(provider, {"marker": "o"})
-                ax.plot(*zip(*points, strict=True), label=provider, **style)
             ax.axhline(1.0, color="black", linestyle=(0, (6, 3)), linewidth=1.2,
                        label="eager (= 1)")  # fmt: skip
             ax.set_xscale("log", base=2)
@@ -642,10 +929,13 @@ def plot_small(rows: list[dict], context: dict, path: Path) -> None:
         0.01,
         0.005,
         "Eager: torch.cat([torch.relu(x), torch.relu(-x)], dim). Each point: median over "
-        "interleaved rounds of back-to-back calls; above 1 the provider is faster than eager.",
+        "interleaved rounds of back-to-back calls; above 1 the provider is faster than eager.\n"
+        "Shaded: the ratio's band, eager's 20th percentile over the provider's 80th to eager's "
+        "80th over its 20th; ringed: a noisy provider.",
         fontsize=8.5,
     )
-    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    fig.tight_layout(rect=(0, 0.045, 1, 0.95 if warning else 1))
+    warn_on_plot(fig, warning)
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -655,7 +945,7 @@ def parse_shape(spec: str) -> Shape:
     return Shape(f"custom {dims}", tuple(int(d) for d in dims.split(",")), layout or "contiguous")
 
 
-def run_small_sweep(args, device: torch.device, dtype, context: dict) -> None:
+def run_small_sweep(args, device: torch.device, dtype, context: dict, load: LoadMonitor) -> None:
     from tqdm import tqdm
 
     names = args.providers.split(",") if args.providers else None
@@ -665,18 +955,37 @@ def run_small_sweep(args, device: torch.device, dtype, context: dict) -> None:
     progress = tqdm(shapes, desc="bench small", file=sys.stderr, bar_format=PROGRESS_FORMAT)
     for case, dims, dim in progress:
         progress.set_postfix_str(f"{case} {'x'.join(map(str, dims))}")
-        rows += run_small(case, dims, dim, dtype, device, fns, rounds=args.reps)
+        rows += run_small(case, dims, dim, dtype, device, fns, args.reps, args.retries, load)
+    load.finish()
+    judged = judge_run(rows, load, SMALL_RATIOS, SMALL_GROUP, "us")
     print_small_table(rows, device)
     print_small_summary(rows)
-    if args.no_save:
-        return
-    args.out.mkdir(parents=True, exist_ok=True)
-    csv_path = args.out / f"bench_small_{device.type}.csv"
-    append_results(rows, context, csv_path)
-    print(f"appended to {csv_path}", file=sys.stderr)
-    plot_path = args.out / f"small_{device.type}.png"
-    plot_small(rows, context, plot_path)
-    print(f"plot: {plot_path}", file=sys.stderr)
+    save_and_close(
+        args,
+        judged,
+        rows,
+        {**context, **load.context()},
+        f"bench_small_{device.type}.csv",
+        lambda path, warning: plot_small(rows, context, path, warning) or True,
+        f"small_{device.type}.png",
+    )
+
+
+def save_and_close(args, judged, rows, context, csv_name, plot, plot_name) -> None:
+    """Saves the rows and the plot (unless --no-save), then prints the verdict:
+    the output's last lines."""
+    sys.stdout.flush()  # the tables before the messages on stderr, in one log
+    if not args.no_save:
+        args.out.mkdir(parents=True, exist_ok=True)
+        csv_path = args.out / csv_name
+        append_results(rows, context, csv_path)
+        print(f"appended to {csv_path}", file=sys.stderr)
+        plot_path = args.out / plot_name
+        warning = None if judged.reliable else judged.headline.partition(". Every")[0]
+        if plot(plot_path, warning):
+            print(f"plot: {plot_path}", file=sys.stderr)
+    sys.stderr.flush()
+    print_verdict(judged)
 
 
 def import_cpp_extension_quietly() -> None:
@@ -713,6 +1022,13 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--reps", type=int, default=20, help="timed runs per CPU measurement")
+    parser.add_argument(
+        "--retries",
+        type=int,
+        default=1,
+        help="times a noisy measurement is taken again, the narrowest kept (default 1; "
+        "0: noisy rows are only marked)",
+    )
     parser.add_argument(
         "--shape",
         action="append",
@@ -765,8 +1081,10 @@ def main(argv: list[str] | None = None) -> None:
     torch._dynamo.config.recompile_limit = 1024
     if not torch.cuda.is_available():
         import_cpp_extension_quietly()
+    # The threads that run at once: torch's on the CPU, the launching one on a GPU.
+    load = LoadMonitor.begin(threads=context["threads"] if device.type == "cpu" else 1)
     if args.sizes == "small":
-        run_small_sweep(args, device, getattr(torch, args.dtype), context)
+        run_small_sweep(args, device, getattr(torch, args.dtype), context, load)
         return
     fns = providers(device, args.providers.split(",") if args.providers else None)
     measure = timer(device, args.reps)
@@ -787,20 +1105,22 @@ def main(argv: list[str] | None = None) -> None:
         for dtype in dtypes:
             for shape in shapes:
                 progress.set_postfix_str(f"{shape.name}, {dtype_name(dtype)}, {allocator}")
-                rows += run_shape(shape, dtype, device, fns, measure, allocator)
+                rows += run_shape(shape, dtype, device, fns, measure, allocator, args.retries, load)
                 progress.update()
     progress.close()
+    load.finish()
+    judged = judge_run(rows, load, LARGE_RATIOS, LARGE_GROUP, "ms", min_copy_seconds)
     print_table(rows, min_copy_seconds)
     print_summary(rows, min_copy_seconds)
-    if args.no_save:
-        return
-    args.out.mkdir(parents=True, exist_ok=True)
-    csv_path = args.out / f"bench_{device.type}.csv"
-    append_results(rows, context, csv_path)
-    print(f"appended to {csv_path}", file=sys.stderr)
-    plot_path = args.out / f"bandwidth_{device.type}.png"
-    if plot_bandwidth(rows, context, plot_path):
-        print(f"plot: {plot_path}", file=sys.stderr)
+    save_and_close(
+        args,
+        judged,
+        rows,
+        {**context, **load.context()},
+        f"bench_{device.type}.csv",
+        lambda path, warning: plot_bandwidth(rows, context, path, warning),
+        f"bandwidth_{device.type}.png",
+    )
 
 
 if __name__ == "__main__":

@@ -42,6 +42,19 @@ def test_bench_writes_results_and_plot(tmp_path, capsys):
     for row in rows:
         assert float(row["median_ms"]) > 0 and float(row["gbps"]) > 0
         assert row["command"].startswith("python -m crelu_ext bench")
+        # The spread beside the median, and the machine's state (tests/tools/test_bench_noise.py).
+        assert float(row["p20_ms"]) <= float(row["median_ms"]) <= float(row["p80_ms"])
+        assert row["noisy"] in ("True", "False") and int(row["attempts"]) >= 1
+        assert int(row["cores"]) >= 1 and row["busy"] in ("True", "False")
+    # The output ends with the verdict on its noise: a headline, the load, rows and ratios.
+    lines = table.strip().splitlines()
+    start = max(i for i, line in enumerate(lines) if not line.startswith("  "))
+    assert lines[start].startswith(("Figures hold", "UNRELIABLE")) and len(lines) - start <= 6
+    assert [line.split(":")[0] for line in lines[start + 1 : start + 4]] == [
+        "  load",
+        "  rows",
+        "  ratios",
+    ]
     eager = next(row for row in rows if row["provider"] == "eager")
     assert float(eager["saved_bytes_per_element"]) >= 8  # two float32 relu outputs
     if "native" in providers:
@@ -89,19 +102,27 @@ def test_plot_covers_the_sweep(tmp_path):
     context = {"device": "test", "torch": "x", "date": "2026-11-28T00:00:00"}
     assert bench.plot_bandwidth(rows, context, tmp_path / "plot.png")
     assert (tmp_path / "plot.png").stat().st_size > 10_000
+    # With the runs' bands, noisy points and a warning.
+    for row in rows:
+        row.update(median_ms=1.0, p20_ms=0.9, p80_ms=1.2, noisy=row["provider"] == "eager")
+        row.update(copy_median_ms=2.0, copy_p20_ms=1.0, copy_p80_ms=3.0, copy_noisy=True)
+    assert bench.plot_bandwidth(rows, context, tmp_path / "bands.png", "UNRELIABLE: test")
+    assert (tmp_path / "bands.png").stat().st_size > (tmp_path / "plot.png").stat().st_size
 
 
 def test_small_sweep_times_every_size_and_plots(tmp_path, capsys):
     pytest.importorskip("matplotlib")
     providers = [*crelu_ext.available_backends("cpu")[:-1], "eager"]
+    # --retries 0: three rounds are often noisy, and a rerun of each would double the time.
     bench.main(
-        ["--device", "cpu", "--sizes", "small", "--reps", "3", "--providers", ",".join(providers),
-         "--out", str(tmp_path)]
+        ["--device", "cpu", "--sizes", "small", "--reps", "3", "--retries", "0", "--providers",
+         ",".join(providers), "--out", str(tmp_path)]
     )  # fmt: skip
     printed = capsys.readouterr().out
     headers = ["\nmlp, dim=-1, forward\n", "\nnchw, dim=1, forward+backward\n"]
     assert all(header in printed for header in headers)
     assert printed.index("worst speed-up") > printed.index(headers[-1])
+    assert printed.index("\n  rows: ") > printed.index("worst speed-up")
     with (tmp_path / "bench_small_cpu.csv").open() as f:
         rows = list(csv.DictReader(f))
     shapes = bench.small_shapes()
@@ -110,6 +131,8 @@ def test_small_sweep_times_every_size_and_plots(tmp_path, capsys):
     assert {(row["case"], row["dim"]) for row in rows} == {("mlp", "-1"), ("nchw", "1")}
     for row in rows:
         assert float(row["us_per_call"]) > 0
+        assert float(row["p20_us"]) <= float(row["us_per_call"]) <= float(row["p80_us"])
+        assert row["attempts"] == "1" and "load_start" in row and "others_runnable" in row
         assert row["command"].startswith("python -m crelu_ext bench --device cpu --sizes small")
     assert (tmp_path / "small_cpu.png").stat().st_size > 10_000
 
