@@ -74,9 +74,9 @@ def main() -> None:
         "forward mode (torch.autograd.forward_ad)": forward_ad,
         "torch.func.grad": lambda: torch.func.grad(lambda v: twice(v).sum())(x.detach()),
         "torch.func.jvp": lambda: torch.func.jvp(twice, (x.detach(),), (t,))[1],
-        "torch.func.vmap(grad)": lambda: torch.func.vmap(
-            torch.func.grad(lambda v: twice(v).sum())
-        )(x.detach().reshape(2, 2)),
+        "torch.func.vmap(grad)": lambda: torch.func.vmap(torch.func.grad(lambda v: twice(v).sum()))(
+            x.detach().reshape(2, 2)
+        ),
     }
     print(f"torch {torch.__version__}: torch::autograd::Function under each autograd mode")
     for name, run in modes.items():
