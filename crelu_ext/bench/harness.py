@@ -172,17 +172,23 @@ def timer(device: torch.device, reps: int):
     return measure
 
 
-def measure_steadily(measure, step, setup=None, retries: int = 0) -> tuple[Timing, int]:
-    """(timing, attempts): a noisy measurement is taken again, up to ``retries``
-    more times, and the attempt with the narrowest band kept: a passing
-    disturbance widens the band of the attempt it hits."""
-    best, attempts = measure(step, setup), 1
-    while best.noisy and attempts <= retries:
-        again = measure(step, setup)
+def steadiest(take, badness, retries: int):
+    """(measurement, attempts): ``take()`` once, and again, up to ``retries`` more
+    times, while the best so far is noisy; the attempt of least ``badness`` kept
+    (a tuple whose first item is nonzero for a noisy one): a passing disturbance
+    widens the bands of the attempt it hits."""
+    best, attempts = take(), 1
+    while badness(best)[0] and attempts <= retries:
+        again = take()
         attempts += 1
-        if again.relative_spread < best.relative_spread:
+        if badness(again) < badness(best):
             best = again
     return best, attempts
+
+
+def measure_steadily(measure, step, setup=None, retries: int = 0) -> tuple[Timing, int]:
+    """(timing, attempts) of ``measure(step, setup)``, the narrowest band kept."""
+    return steadiest(lambda: measure(step, setup), lambda t: (t.noisy, t.relative_spread), retries)
 
 
 def use_reusing_allocator() -> bool:
@@ -344,10 +350,10 @@ def run_shape(
     return rows
 
 
-def row_timing(row: dict, unit: str, prefix: str = "") -> Timing:
+def row_timing(row: dict, unit: str) -> Timing:
     """A row's Timing (in the row's unit) from its CSV columns."""
-    median = "us_per_call" if unit == "us" and not prefix else f"{prefix}median_{unit}"
-    return Timing(row[median], row[f"{prefix}p20_{unit}"], row[f"{prefix}p80_{unit}"])
+    median = "us_per_call" if unit == "us" else f"median_{unit}"
+    return Timing(row[median], row[f"p20_{unit}"], row[f"p80_{unit}"])
 
 
 def judge_ratios(rows: list[dict], group: tuple, unit: str, ratios: dict, busy: bool) -> dict:
@@ -728,20 +734,16 @@ def interleaved_timings(runs: dict, device: torch.device, rounds: int) -> dict:
 
 def interleaved_steadily(runs: dict, device, rounds: int, retries: int) -> tuple[dict, int]:
     """(interleaved_timings, attempts): where a provider's timing is noisy, all of
-    them are timed again, up to ``retries`` more times, and the attempt with the
-    fewest noisy providers (then the narrowest widest band) kept."""
+    them are timed again, and the attempt with the fewest noisy providers (then
+    the narrowest widest band) kept."""
 
     def badness(timings):
-        bands = [timing.relative_spread for timing, _ in timings.values()]
-        return sum(band > NOISY_SPREAD for band in bands), max(bands)
+        return (
+            sum(timing.noisy for timing, _ in timings.values()),
+            max(timing.relative_spread for timing, _ in timings.values()),
+        )
 
-    best, attempts = interleaved_timings(runs, device, rounds), 1
-    while badness(best)[0] and attempts <= retries:
-        again = interleaved_timings(runs, device, rounds)
-        attempts += 1
-        if badness(again) < badness(best):
-            best = again
-    return best, attempts
+    return steadiest(lambda: interleaved_timings(runs, device, rounds), badness, retries)
 
 
 def run_small(
